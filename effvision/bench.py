@@ -1,0 +1,175 @@
+"""Inference benchmarks with timm's conventions: warm-up, then many timed batches, medians.
+
+``benchmark(target, backend)`` takes a timm model name, an effvision model dir, a run dir
+(its newest model or ONNX file) or an .onnx file, and a backend: ``torch`` (eager),
+``compile`` (torch.compile) or ``ort`` (onnxruntime, CPU). Results are plain dicts.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .engine.evaluate import autocast
+from .errors import EffVisionError
+from .models.io import SPEC_FILE, load_model
+
+__all__ = ["benchmark", "BACKENDS", "resolve_target"]
+
+BACKENDS = ("torch", "compile", "ort")
+
+
+def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
+    """(kind, model_dir, onnx_path) for a target; kind is 'timm', 'model_dir', 'run_dir' or 'onnx'."""
+    path = Path(target)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise EffVisionError(f"ONNX file not found: {path}")
+        return "onnx", None, path
+    if path.is_dir():
+        if (path / SPEC_FILE).is_file():
+            return "model_dir", path, None
+        stages = sorted(path.glob("[0-9][0-9]-*"), reverse=True)
+        model_dir = next((d / "model" for d in stages if (d / "model" / SPEC_FILE).is_file()), None)
+        onnx = next((d / "model.onnx" for d in stages if (d / "model.onnx").is_file()), None)
+        if model_dir is None and onnx is None:
+            raise EffVisionError(f"{path} holds no model (neither a model dir nor a run dir with one)")
+        return "run_dir", model_dir, onnx
+    import timm
+
+    import effvision.models  # noqa: F401
+
+    if timm.is_model(target):
+        return "timm", None, None
+    raise EffVisionError(f"benchmark target '{target}' is neither a timm model, a model/run dir nor an .onnx file")
+
+
+def _time(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None]) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _torch_model(target: str, kind: str, model_dir: Path | None, img_size: int | None) -> tuple[nn.Module, tuple[int, int, int]]:
+    if kind == "timm":
+        import timm
+
+        model = timm.create_model(target)
+        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        if img_size:
+            size = (size[0], img_size, img_size)
+        return model, size  # type: ignore[return-value]
+    if model_dir is None:
+        raise EffVisionError(f"backend torch/compile needs a PyTorch model; {target} has only ONNX")
+    model, spec = load_model(model_dir)
+    return model, (spec.in_chans, spec.img_size, spec.img_size)
+
+
+def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_size: int = 32,
+              img_size: int | None = None, warmup: int = 10, iters: int = 50, amp: str = "auto",
+              channels_last: bool = False, threads: int | None = None) -> dict[str, Any]:
+    if backend not in BACKENDS:
+        raise EffVisionError(f"unknown backend '{backend}' (available: {', '.join(BACKENDS)})")
+    if batch_size <= 0:
+        raise EffVisionError("batch size must be positive")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EffVisionError("device 'cuda' requested but no CUDA GPU is available")
+    if threads:
+        torch.set_num_threads(threads)
+    kind, model_dir, onnx_path = resolve_target(target)
+    result: dict[str, Any] = {"target": target, "backend": backend, "device": str(dev), "batch_size": batch_size,
+                              "warmup": warmup, "iters": iters, "threads": torch.get_num_threads()}
+    if backend == "ort":
+        times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev, threads)
+    else:
+        model, shape = _torch_model(target, kind, model_dir, img_size)
+        model = model.eval().to(dev)
+        x = torch.randn(batch_size, *shape, device=dev)
+        if channels_last:
+            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        fn_model = model
+        if backend == "compile":
+            t0 = time.perf_counter()
+            fn_model = torch.compile(model)
+            with torch.no_grad(), autocast(dev, amp):
+                fn_model(x)
+            result["compile_s"] = time.perf_counter() - t0
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        def step() -> None:
+            with torch.no_grad(), autocast(dev, amp):
+                fn_model(x)
+
+        times = _time(step, warmup, iters, sync)
+        result["amp"] = "bf16" if (amp == "auto" and dev.type == "cuda") else amp
+        if dev.type == "cuda":
+            result["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    if "peak_memory_mb" not in result:
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    med = statistics.median(times)
+    qs = np.percentile(np.array(times), [50, 90])
+    result.update(input_shape=[batch_size, *shape], img_per_s=batch_size / med,
+                  latency_ms_p50=float(qs[0]) * 1e3, latency_ms_p90=float(qs[1]) * 1e3)
+    return result
+
+
+def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path | None, img_size: int | None,
+               batch_size: int, warmup: int, iters: int, dev: torch.device, threads: int | None):
+    import onnxruntime as ort
+
+    if dev.type != "cpu":
+        raise EffVisionError("backend ort runs on the CPU here (onnxruntime-gpu is not installed)")
+    tmp = None
+    if onnx_path is None:
+        from effvision.export import OnnxExportConfig, export_onnx
+
+        if kind == "timm":
+            model, shape = _torch_model(target, kind, None, img_size)
+        else:
+            model, spec = load_model(model_dir)  # type: ignore[arg-type]
+            shape = (spec.in_chans, spec.img_size, spec.img_size)
+        tmp = tempfile.TemporaryDirectory()
+        onnx_path = export_onnx(model, Path(tmp.name) / "model.onnx", shape, OnnxExportConfig())
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    dims = inp.shape[1:]
+    if not all(isinstance(d, int) for d in dims):
+        raise EffVisionError(f"{onnx_path}: input {inp.name} has non-static image dims {dims}")
+    shape = tuple(dims)
+    x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
+    times = _time(lambda: session.run(None, {inp.name: x}), warmup, iters, lambda: None)
+    if tmp is not None:
+        tmp.cleanup()
+    return times, shape
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine

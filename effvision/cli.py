@@ -1,0 +1,155 @@
+"""The effvision command line: run, eval, export, bench, models.
+
+Bad input (recipe, model, dataset, checkpoint, NaN loss, ...) prints one line and exits with
+code 2; --debug shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import EffVisionError
+
+__all__ = ["main"]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_recipe
+
+    run_dir = run_recipe(args.recipe, args.out, args.set, args.resume)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _newest_model_dir(run_dir: Path) -> Path:
+    for d in sorted(run_dir.glob("[0-9][0-9]-*"), reverse=True):
+        if (d / "model" / "model.json").is_file():
+            return d / "model"
+    raise EffVisionError(f"{run_dir} holds no trained model yet")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .pipeline import load_run_recipe
+    from .stages.common import resolve_device
+    from .stages.evaluate import evaluate_model_dir
+
+    run_dir = Path(args.run_dir)
+    recipe = load_run_recipe(run_dir)
+    metrics = evaluate_model_dir(_newest_model_dir(run_dir), recipe, resolve_device(args.device), args.tta_flip)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from effvision.export import OnnxExportConfig, export_model_dir
+
+    src = Path(args.run_dir)
+    model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
+    out = Path(args.out) if args.out else src / f"export-{args.format}-opset{args.opset}"
+    cfg = OnnxExportConfig(opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol)
+    result = export_model_dir(model_dir, out, cfg, args.format)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import benchmark
+
+    results = []
+    for backend in args.backend:
+        r = benchmark(args.target, backend, args.device, args.batch_size, args.img_size, args.warmup, args.iters,
+                      args.amp, args.channels_last, args.threads)
+        print(f"{backend:8s} {args.device:5s} batch {args.batch_size:4d}: {r['img_per_s']:10.1f} img/s  "
+              f"p50 {r['latency_ms_p50']:.2f} ms  p90 {r['latency_ms_p90']:.2f} ms")
+        results.append(r)
+    if args.json:
+        out = Path(args.json)
+        if out.exists():
+            raise EffVisionError(f"{out} exists already; choose another --json path (nothing was overwritten)")
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models.catalog import list_efficient_models, model_cost
+
+    names = list_efficient_models(args.filter)
+    if not names:
+        raise EffVisionError(f"no efficient model matches '{args.filter}'")
+    print(f"{'model':42s} {'params (M)':>10s} {'GMACs':>8s}  input")
+    for name in names:
+        if args.no_cost:
+            print(name)
+            continue
+        c = model_cost(name)
+        print(f"{name:42s} {c.params_m:10.2f} {c.gmacs:8.3f}  {'x'.join(map(str, c.input_size))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="effvision", description="Train, compress, export and benchmark vision models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a recipe's stages into a run directory")
+    r.add_argument("recipe")
+    r.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. stages.train.epochs=5 or data.batch_size=64")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted stage")
+    r.set_defaults(fn=_cmd_run)
+
+    e = sub.add_parser("eval", help="evaluate a run's newest model on its recipe's eval split")
+    e.add_argument("run_dir")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--tta-flip", action="store_true")
+    e.set_defaults(fn=_cmd_eval)
+
+    x = sub.add_parser("export", help="export a run's newest model (or a model dir)")
+    x.add_argument("run_dir")
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--out", help="output folder (default RUN_DIR/export-<format>-opset<N>)")
+    x.add_argument("--static-batch", action="store_true", help="fix the batch axis to 1")
+    x.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed vs PyTorch (fp32)")
+    x.set_defaults(fn=_cmd_export)
+
+    b = sub.add_parser("bench", help="inference throughput and latency")
+    b.add_argument("target", help="timm model name, model dir, run dir or .onnx file")
+    b.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "compile", "ort"])
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--img-size", type=int)
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--iters", type=int, default=50)
+    b.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--threads", type=int)
+    b.add_argument("--json", help="write results to this JSON file")
+    b.set_defaults(fn=_cmd_bench)
+
+    m = sub.add_parser("models", help="list efficient backbones with params and GMACs")
+    m.add_argument("--filter", help="name pattern (fnmatch, or a substring)")
+    m.add_argument("--no-cost", action="store_true", help="names only (skip counting)")
+    m.set_defaults(fn=_cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except EffVisionError as e:
+        if args.debug:
+            raise
+        print(f"effvision: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("effvision: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Training checkpoints: weights in safetensors, the rest (optimizer, scheduler, RNG, data
+position) in a torch file read back with ``weights_only=True``.
+
+Each checkpoint is a directory written under a temporary name and renamed into place; the
+file ``latest`` (itself replaced atomically) names the newest complete one. A process killed
+at any moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from ..errors import EffVisionError
+from ..io import atomic_write_text
+from ..models.io import _unwrap, load_weights
+
+__all__ = ["Checkpointer", "TrainPosition"]
+
+_LATEST = "latest"
+_WEIGHTS = "weights.safetensors"
+_EMA = "ema.safetensors"
+_STATE = "state.pt"
+
+
+@dataclass
+class TrainPosition:
+    epoch: int = 0        # epoch being trained
+    step: int = 0         # next step within that epoch
+    global_step: int = 0  # optimizer updates so far
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep: int = 1) -> None:
+        self.dir = Path(directory)
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        pointer = self.dir / _LATEST
+        if not pointer.is_file():
+            return None
+        path = self.dir / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def save(self, model: nn.Module, ema: nn.Module | None, state: dict[str, Any], pos: TrainPosition) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{pos.global_step:08d}"
+        tmp = self.dir / f".{name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(_state_dict(model), str(tmp / _WEIGHTS))
+        if ema is not None:
+            save_file(_state_dict(ema), str(tmp / _EMA))
+        torch.save({**state, "position": vars(pos).copy()}, tmp / _STATE)
+        final = self.dir / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(self.dir / _LATEST, name)
+        self._prune(final)
+        return final
+
+    def _prune(self, newest: Path) -> None:
+        old = sorted(p for p in self.dir.glob("step-*") if p != newest)
+        for p in old[: max(0, len(old) - (self.keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, path: Path, model: nn.Module, ema: nn.Module | None, map_location: torch.device) -> tuple[dict[str, Any], TrainPosition]:
+        load_weights(model, path / _WEIGHTS, map_location)
+        if ema is not None and (path / _EMA).is_file():
+            load_weights(ema, path / _EMA, map_location)
+        try:
+            state = torch.load(path / _STATE, map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            raise EffVisionError(f"corrupt checkpoint state {path / _STATE}: {str(e).splitlines()[0]}") from None
+        return state, TrainPosition(**state.pop("position"))
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}

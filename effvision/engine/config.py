@@ -1,0 +1,49 @@
+"""The train stage's configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import ConfigError
+from .optim import OptimizerConfig
+
+__all__ = ["SchedulerConfig", "TrainConfig"]
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["cosine", "onecycle", "step", "multistep", "poly", "tanh", "constant"] = "cosine"
+    warmup_epochs: float = 0.0     # linear warm-up (timm schedulers; onecycle: its rise phase)
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+    decay_epochs: float = 30.0     # step / multistep only
+    decay_rate: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    type: str = "train"
+    epochs: int = 10
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    label_smoothing: float = 0.1
+    grad_clip: float | None = None         # max global grad norm
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
+    channels_last: bool = False
+    compile: bool = False                  # torch.compile the model
+    grad_checkpointing: bool = False       # timm's set_grad_checkpointing
+    ema_decay: float | None = None         # timm ModelEmaV3; the EMA weights are evaluated and saved
+    eval_every: int = 1                    # epochs between evaluations (0: only at the end)
+    eval_tta_flip: bool = False            # average logits over the image and its mirror
+    checkpoint_every: int = 0              # steps between checkpoints (0: at each epoch end)
+    log_every: int = 20                    # steps between metrics.jsonl records (and NaN checks)
+
+    def validate(self, where: str) -> None:
+        if self.epochs <= 0:
+            raise ConfigError(f"{where}.epochs must be positive")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"{where}.label_smoothing must be in [0, 1)")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"{where}.ema_decay must be in (0, 1)")
+        if self.log_every <= 0 or self.checkpoint_every < 0 or self.eval_every < 0:
+            raise ConfigError(f"{where}: log_every must be positive; checkpoint_every, eval_every non-negative")

@@ -1,0 +1,32 @@
+"""Extension points of the training loop, for features that plug into it.
+
+- ``loss_terms``: extra losses added to the task loss (distillation, regularisers).
+- ``before_step`` / ``after_step``: per-step model hooks (token-drop schedules, pruning
+  regularisers, growth).
+- ``on_epoch_end``: callbacks with the epoch's metrics.
+The optimizer factory is the registry in ``effvision.engine.optim``; model transforms
+between stages are stages (``effvision.stages.register_stage``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Hooks", "LossTerm", "StepHook"]
+
+# (model, x, y, logits) -> named extra loss terms, each a scalar tensor
+LossTerm = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# (model, global_step, total_steps) -> None
+StepHook = Callable[[nn.Module, int, int], None]
+
+
+@dataclass
+class Hooks:
+    loss_terms: list[LossTerm] = field(default_factory=list)
+    before_step: list[StepHook] = field(default_factory=list)
+    after_step: list[StepHook] = field(default_factory=list)
+    on_epoch_end: list[Callable[[int, dict[str, Any]], None]] = field(default_factory=list)

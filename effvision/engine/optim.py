@@ -1,0 +1,58 @@
+"""Optimizer factory registry: recipes name an optimizer; later features (GaLore, per-layer
+updates) register their own factories under new names."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2, list_optimizers
+
+from ..errors import ConfigError
+
+__all__ = ["OptimizerConfig", "register_optimizer", "create_optimizer", "OPTIMIZERS"]
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"             # any timm optimizer (adamw, sgd, lamb, ...) or a registered one
+    lr: float = 1e-3                # peak learning rate
+    weight_decay: float = 0.05      # decoupled; timm skips norms and biases
+    momentum: float = 0.9           # SGD-style optimizers only
+    betas: list[float] | None = None
+    eps: float | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # optimizer-specific extras
+
+    def validate(self, where: str) -> None:
+        if self.name not in OPTIMIZERS and self.name not in list_optimizers():
+            import difflib
+            close = difflib.get_close_matches(self.name, list(OPTIMIZERS) + list_optimizers(), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}.name: unknown optimizer '{self.name}'{hint}")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr must be positive")
+
+
+OptimizerFactory = Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]
+OPTIMIZERS: dict[str, OptimizerFactory] = {}
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
+    def wrap(fn: OptimizerFactory) -> OptimizerFactory:
+        OPTIMIZERS[name] = fn
+        return fn
+    return wrap
+
+
+def create_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name in OPTIMIZERS:
+        return OPTIMIZERS[cfg.name](model, cfg)
+    extra: dict[str, Any] = dict(cfg.kwargs)
+    if cfg.betas is not None:
+        extra["betas"] = tuple(cfg.betas)
+    if cfg.eps is not None:
+        extra["eps"] = cfg.eps
+    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum, **extra)

@@ -1,0 +1,250 @@
+"""A compact training loop over timm's optimizer/scheduler factories, with hooks.
+
+Read it top to bottom: ``fit`` runs epochs of ``_train_step`` and writes metrics,
+checkpoints and the final model. Resumption restores weights, optimizer, scheduler, RNG
+and the data position; the data order and augmentation are functions of (seed, epoch,
+step), so a resumed CPU run ends bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..data.build import Loaders
+from ..data.config import AugmentConfig
+from ..data.tensor_loader import step_seed
+from ..errors import TrainingDiverged
+from ..io import append_jsonl
+from .checkpoint import Checkpointer, TrainPosition
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_mean, barrier
+from .evaluate import autocast, evaluate
+from .hooks import Hooks
+from .optim import create_optimizer
+
+__all__ = ["Trainer", "TrainResult"]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module            # the weights to keep (EMA if configured), unwrapped
+    metrics: dict[str, Any]     # last evaluation and throughput
+    train_time_s: float
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, loaders: Loaders, *, device: torch.device,
+                 out_dir: Path, num_classes: int, seed: int = 0, dist: DistInfo | None = None,
+                 augment: AugmentConfig | None = None, hooks: Hooks | None = None, progress: bool = True) -> None:
+        self.cfg, self.loaders, self.device = cfg, loaders, device
+        self.out_dir, self.seed = Path(out_dir), seed
+        self.dist = dist or DistInfo()
+        self.hooks = hooks or Hooks()
+        self.progress = progress and self.dist.is_main
+        self.steps_per_epoch = len(loaders.train)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training set is smaller than one batch")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+
+        self.model = model.to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.optimizer = create_optimizer(self.model, cfg.optimizer)
+        self.scheduler = self._create_scheduler()
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema_decay else None
+        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+        self.amp = amp
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+        self.mixup = None
+        if augment is not None and (augment.mixup > 0 or augment.cutmix > 0):
+            self.mixup = Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mix_prob,
+                               label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+        if self.mixup is not None:
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+        # The module the loop calls: DDP, then torch.compile, around the plain model.
+        self.train_module: nn.Module = self.model
+        if self.dist.enabled:
+            self.train_module = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            self.train_module = torch.compile(self.train_module)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints")
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    def _create_scheduler(self) -> Any:
+        s = self.cfg.scheduler
+        if s.name == "onecycle":
+            pct = max(s.warmup_epochs / self.cfg.epochs, 1e-3)
+            return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.cfg.optimizer.lr,
+                                                       total_steps=self.total_steps + 1, pct_start=pct)
+        if s.name == "constant":
+            return None
+        sched, _ = create_scheduler_v2(self.optimizer, sched=s.name, num_epochs=self.cfg.epochs,
+                                       warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr,
+                                       decay_epochs=s.decay_epochs, decay_rate=s.decay_rate,
+                                       step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
+        return sched
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _save(self, pos: TrainPosition) -> None:
+        if self.dist.is_main:
+            self.checkpointer.save(self.model, self.ema.module if self.ema else None, self._state(), pos)
+        barrier()
+
+    def _restore(self) -> TrainPosition:
+        path = self.checkpointer.latest()
+        if path is None:
+            return TrainPosition()
+        state, pos = self.checkpointer.load(path, self.model, self.ema.module if self.ema else None, self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"].cpu())
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        return pos
+
+    # ---- the loop ----------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        pos = self._restore() if resume else TrainPosition()
+        if pos.global_step and self.dist.is_main:
+            print(f"resuming at epoch {pos.epoch}, step {pos.step} ({pos.global_step}/{self.total_steps} updates)")
+        self.train_module.train()
+        # In a log file (no TTY) a redraw is a new line: redraw rarely there.
+        bar = tqdm(total=self.total_steps, initial=pos.global_step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0)
+        metrics: dict[str, Any] = {}
+        train_time = 0.0
+        images_seen = 0
+        for epoch in range(pos.epoch, self.cfg.epochs):
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=self.device)
+            window_start, window_images, window_steps = time.perf_counter(), 0, 0
+            start_step = pos.step if epoch == pos.epoch else 0
+            for step, (x, y) in enumerate(self.loaders.train.epoch(epoch, start_step), start=start_step):
+                loss = self._train_step(x, y, epoch, step, pos.global_step)
+                loss_sum += loss.detach()
+                pos = TrainPosition(epoch, step + 1, pos.global_step + 1)
+                window_images += len(y) * self.dist.world_size
+                window_steps += 1
+                bar.update(1)
+                if pos.global_step % self.cfg.log_every == 0 or step + 1 == self.steps_per_epoch:
+                    # One host sync per window: the NaN check and the logged loss share it.
+                    mean_loss = float(all_reduce_mean(loss_sum)) / window_steps
+                    if not math.isfinite(mean_loss):
+                        raise TrainingDiverged(
+                            f"loss is {mean_loss} at epoch {epoch}, step {step}; the last good checkpoint is kept in "
+                            f"{self.checkpointer.dir} (lower the learning rate, or add grad_clip)")
+                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                    if self.dist.is_main:
+                        append_jsonl(self.metrics_path, {"epoch": epoch, "step": step, "global_step": pos.global_step,
+                                                         "loss": mean_loss, "lr": lr, "img_per_s": rate})
+                    loss_sum.zero_()
+                    window_start, window_images, window_steps = time.perf_counter(), 0, 0
+                if self.cfg.checkpoint_every and pos.global_step % self.cfg.checkpoint_every == 0 \
+                        and step + 1 < self.steps_per_epoch:
+                    if not bool(torch.isfinite(all_reduce_mean(loss_sum))):
+                        raise TrainingDiverged(f"loss is not finite before step {pos.global_step}'s checkpoint; "
+                                               f"the last good checkpoint is kept in {self.checkpointer.dir}")
+                    self._save(pos)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            epoch_time = time.perf_counter() - t0
+            train_time += epoch_time
+            images_seen += (self.steps_per_epoch - start_step) * self.loaders.train.batch_size
+            pos = TrainPosition(epoch + 1, 0, pos.global_step)
+            last = epoch + 1 == self.cfg.epochs
+            if last or (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0):
+                metrics = self._evaluate()
+                metrics.update(epoch=epoch, epoch_time_s=epoch_time)
+                if self.dist.is_main:
+                    append_jsonl(self.metrics_path, {"eval": True, **metrics})
+                    bar.write(f"epoch {epoch}: top1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  "
+                              f"({epoch_time:.1f} s)")
+                for cb in self.hooks.on_epoch_end:
+                    cb(epoch, metrics)
+            self._save(pos)
+        bar.close()
+        metrics["train_time_s"] = train_time
+        metrics["train_img_per_s"] = images_seen / train_time if train_time else 0.0
+        final = self.ema.module if self.ema is not None else self.model
+        return TrainResult(final, metrics, train_time)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int, global_step: int) -> torch.Tensor:
+        for hook in self.hooks.before_step:
+            hook(self.model, global_step, self.total_steps)
+        if self.scheduler is not None and not isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
+            self.scheduler.step_update(global_step)
+        target = y
+        if self.mixup is not None:
+            np.random.seed(step_seed(self.seed, epoch, step) % 2**32)  # timm's Mixup draws from numpy's global RNG
+            x, target = self.mixup(x, y)
+        with autocast(self.device, self.amp):
+            logits = self.train_module(x)  # (B, K)
+            loss = self.criterion(logits, target)
+            for term in self.hooks.loss_terms:
+                for value in term(self.model, x, y, logits).values():
+                    loss = loss + value
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=global_step)
+        for hook in self.hooks.after_step:
+            hook(self.model, global_step, self.total_steps)
+        return loss
+
+    def _evaluate(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.dist.is_main:
+            model = self.ema.module if self.ema is not None else self.model
+            out = evaluate(model, self.loaders.eval, self.device, self.amp, self.cfg.eval_tta_flip)
+        barrier()
+        return out

@@ -1,0 +1,131 @@
+"""The GPU figures behind scripts/gpu_bench.sh: sections that each write results/<name>.json,
+then one markdown table. Later features add sections to ``SECTIONS``.
+
+    python -m effvision.gpu_bench --data .data/cifar10.tgz --out results [--sections a,b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench import benchmark
+from .runinfo import run_environment
+
+__all__ = ["SECTIONS", "main"]
+
+# Inference models (baselines.md's table); compiled too where the baseline has a compiled figure.
+INFERENCE_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224", "efficientvit_b1",
+                    "mobilenetv3_large_100", "mobilenetv4_conv_small", "resnet50", "convnext_tiny")
+COMPILED_MODELS = ("deit_small_patch16_224", "efficientvit_b1", "resnet50")
+
+
+def inference(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for name in INFERENCE_MODELS:
+        for backend in ("torch", "compile") if name in COMPILED_MODELS else ("torch",):
+            r = benchmark(name, backend, "cuda", 256, img_size=224, warmup=5, iters=15, amp="bf16",
+                          channels_last=True)
+            print(f"  {name:28s} {backend:8s} {r['img_per_s']:9.0f} img/s", flush=True)
+            rows.append(r)
+    return rows
+
+
+def cifar10(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The CIFAR-10 reference recipe, and any variants given with --cifar-variant."""
+    rows = []
+    variants = [("reference", [])] + [(v, v.split()) for v in args.cifar_variant]
+    for label, sets in variants:
+        run_dir = Path(args.runs) / f"cifar10-{len(rows)}"
+        cmd = [sys.executable, "-m", "effvision", "run", "recipes/cifar10_vit_tiny.yaml", "--out", str(run_dir),
+               "--set", f"data.root={args.data}"]
+        for s in sets:
+            cmd += ["--set", s]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd)
+        wall = time.perf_counter() - t0
+        summary_path = run_dir / "01-train" / "summary.json"
+        if proc.returncode != 0 or not summary_path.is_file():
+            rows.append({"variant": label, "error": f"exit {proc.returncode}", "wall_s": wall})
+            continue
+        s = json.loads(summary_path.read_text())
+        rows.append({"variant": label, "model": s["model"], "epochs": s["epochs"], "top1": s["top1"],
+                     "train_time_s": s["train_time_s"], "train_img_per_s": s["train_img_per_s"],
+                     "gmacs": s["gmacs"], "params_m": s["params_m"], "wall_s": wall})
+        print(f"  cifar10 {label}: {s['top1']:.2f}% in {s['train_time_s']:.1f} s", flush=True)
+    return rows
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
+    "inference": inference,
+    "cifar10": cifar10,
+}
+
+
+def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> str:
+    gpu = env["hardware"].get("gpu", {}).get("name", "no GPU")
+    lines = [f"# effvision GPU figures\n", f"GPU: {gpu}; torch {env['versions'].get('torch')}, "
+             f"timm {env['versions'].get('timm')}; command: scripts/gpu_bench.sh\n"]
+    if "inference" in results:
+        lines += ["## Inference (bf16, batch 256, 224x224, channels_last, median of 15)\n",
+                  "| model | backend | img/s | p50 ms |", "|---|---|---|---|"]
+        lines += [f"| {r['target']} | {r['backend']} | {r['img_per_s']:,.0f} | {r['latency_ms_p50']:.2f} |"
+                  for r in results["inference"]]
+        lines.append("")
+    if "cifar10" in results:
+        lines += ["## CIFAR-10 time to accuracy (recipes/cifar10_vit_tiny.yaml)\n",
+                  "| variant | model | epochs | train time (s) | img/s | test top-1 |", "|---|---|---|---|---|---|"]
+        for r in results["cifar10"]:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | failed: {r['error']} | | | | |")
+            else:
+                lines.append(f"| {r['variant']} | {r['model']} | {r['epochs']} | {r['train_time_s']:.1f} | "
+                             f"{r['train_img_per_s']:,.0f} | {r['top1']:.2f}% |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=".data/cifar10.tgz", help="CIFAR-10 ImageFolder or its .tar.gz")
+    p.add_argument("--out", default="results")
+    p.add_argument("--runs", default="runs/gpu_bench")
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--cifar-variant", action="append", default=[],
+                   help="extra CIFAR-10 run: space-separated --set overrides, e.g. 'model.name=convvit_tiny_32'")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_bench: no CUDA GPU available", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = run_environment()
+    (out / "environment.json").write_text(json.dumps(env, indent=2))
+    results = {}
+    for name in args.sections.split(","):
+        if name not in SECTIONS:
+            print(f"gpu_bench: unknown section '{name}' (known: {', '.join(SECTIONS)})", file=sys.stderr)
+            return 2
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results[name] = SECTIONS[name](args)
+        except Exception as e:  # one broken section must not hide the others' figures
+            print(f"section {name} failed: {type(e).__name__}: {e}", flush=True)
+            results[name] = []
+        (out / f"{name}.json").write_text(json.dumps(results[name], indent=2))
+        print(f"== {name} took {time.perf_counter() - t0:.0f} s", flush=True)
+    (out / "gpu_bench.md").write_text(markdown(results, env))
+    print(markdown(results, env))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

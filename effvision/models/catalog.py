@@ -1,0 +1,75 @@
+"""The catalog behind `effvision models`: efficient backbones with params and GMACs.
+
+MACs are counted with torch.utils.flop_counter (FLOPs / 2) on the meta device, so no
+weights are allocated and nothing is downloaded.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["EFFICIENT_FAMILIES", "ModelCost", "list_efficient_models", "model_cost", "count_params_macs"]
+
+# timm name patterns of the efficient families effvision targets, effvision's own first.
+EFFICIENT_FAMILIES: tuple[str, ...] = (
+    "vit_*_patch4_32", "convvit_*_32",
+    "deit_*", "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
+    "efficientvit_b*", "efficientvit_m*",
+    "mobilenetv3_*", "mobilenetv4_*",
+    "levit_*", "fastvit_*",
+    "convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano", "convnext_tiny",
+    "resnet18", "resnet34", "resnet50",
+    "regnetx_002", "regnetx_004", "regnety_002", "regnety_004", "regnety_008",
+    "tiny_vit_*",
+)
+
+
+@dataclass
+class ModelCost:
+    name: str
+    params_m: float
+    gmacs: float
+    input_size: tuple[int, int, int]
+
+
+def list_efficient_models(pattern: str | None = None) -> list[str]:
+    """Registered timm names in the efficient families, optionally filtered (fnmatch)."""
+    import effvision.models.small_vit  # noqa: F401
+
+    names: list[str] = []
+    for fam in EFFICIENT_FAMILIES:
+        names.extend(n for n in timm.list_models(fam) if n not in names)
+    if pattern:
+        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatch(n, pat)]
+    return names
+
+
+def model_cost(name: str, input_size: tuple[int, int, int] | None = None) -> ModelCost:
+    """Params (millions) and GMACs of one forward pass at the model's default resolution."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    model.eval()
+    size = tuple(input_size or model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    params = sum(p.numel() for p in model.parameters())
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.empty(1, *size, device="meta"))
+    return ModelCost(name, params / 1e6, counter.get_total_flops() / 2e9, size)  # type: ignore[arg-type]
+
+
+def count_params_macs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> tuple[float, float]:
+    """(params in millions, GMACs of one forward pass) of an instantiated model."""
+    params = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, *input_size, device=device))
+    model.train(was_training)
+    return params / 1e6, counter.get_total_flops() / 2e9

@@ -1,0 +1,108 @@
+"""Models move between stages and processes as an architecture spec (JSON) plus safetensors
+weights, never as pickles, so any stage's model rebuilds in a fresh process."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import EffVisionError
+from ..io import atomic_write_text
+
+__all__ = ["ModelSpec", "create_model", "save_model", "load_model", "SPEC_FILE", "WEIGHTS_FILE"]
+
+SPEC_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model and feed it: the timm name and its kwargs, and the
+    preprocessing and class names that export manifests and evaluation need."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int = 10
+    img_size: int = 32
+    in_chans: int = 3
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    class_names: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def create_model(spec: ModelSpec) -> nn.Module:
+    """``timm.create_model`` with a clear error for unknown names."""
+    import effvision.models.small_vit  # noqa: F401  (registration)
+
+    if not timm.is_model(spec.name):
+        close = timm.list_models(f"*{spec.name.split('_')[0]}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise EffVisionError(f"unknown model '{spec.name}'{hint} (see `effvision models`)")
+    try:
+        return timm.create_model(spec.name, num_classes=spec.num_classes, in_chans=spec.in_chans, **spec.kwargs)
+    except TypeError as e:
+        raise EffVisionError(f"model '{spec.name}' rejected its kwargs {spec.kwargs}: {e}") from None
+
+
+def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(directory / WEIGHTS_FILE)
+    atomic_write_text(directory / SPEC_FILE, spec.to_json())
+    return directory
+
+
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    directory = Path(directory)
+    spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
+    if not spec_path.is_file() or not weights_path.is_file():
+        raise EffVisionError(f"no model in {directory} (expected {SPEC_FILE} and {WEIGHTS_FILE})")
+    try:
+        spec = ModelSpec.from_json(spec_path.read_text())
+    except (json.JSONDecodeError, TypeError) as e:
+        raise EffVisionError(f"corrupt model spec {spec_path}: {e}") from None
+    model = create_model(spec)
+    load_weights(model, weights_path, map_location)
+    return model, spec
+
+
+def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu", prefix: str = "") -> None:
+    """Load safetensors weights strictly; corrupt files and shape mismatches are user errors."""
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EffVisionError(f"corrupt checkpoint {path}: {e}") from None
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        _unwrap(model).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
+        raise EffVisionError(f"checkpoint {path} does not match the model: {detail}") from None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

@@ -1,0 +1,124 @@
+"""Run a recipe: its stages in order over one run directory, skipping finished ones.
+
+A stage is finished when its ``summary.json`` exists. A stage directory without one was
+interrupted: ``--resume`` continues it (train stages from their last checkpoint; other
+stages start over, their partial output moved aside). A run directory made by a different
+recipe is never reused, so a rerun cannot overwrite results of another configuration.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .config import apply_overrides, load_yaml
+from .engine.distributed import barrier, init_distributed
+from .errors import ConfigError, EffVisionError
+from .io import atomic_write_json, atomic_write_text
+from .recipe import Recipe, parse_recipe, recipe_to_dict
+from .runinfo import run_environment
+from .stages import STAGES, SUMMARY_FILE, StageContext
+from .stages.common import resolve_device
+
+__all__ = ["run_recipe", "RECIPE_FILE", "load_run_recipe"]
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _first_difference(x, y, f"{where}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{where or 'recipe'}: {a!r} vs {b!r}"
+
+
+def load_run_recipe(run_dir: str | Path) -> Recipe:
+    """The resolved recipe a run directory was made with."""
+    path = Path(run_dir) / RECIPE_FILE
+    if not path.is_file():
+        raise EffVisionError(f"{run_dir} is not an effvision run directory (no {RECIPE_FILE})")
+    return parse_recipe(load_yaml(path))
+
+
+def run_recipe(recipe_path: str | Path, out: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+               resume: bool = False) -> Path:
+    raw = apply_overrides(load_yaml(recipe_path), overrides)
+    recipe = parse_recipe(copy.deepcopy(raw))
+    resolved = recipe_to_dict(recipe)
+    run_dir = Path(out) if out else Path("runs") / recipe.name
+
+    device = resolve_device(recipe.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = init_distributed(device)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    if recipe.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+    recipe_file = run_dir / RECIPE_FILE
+    if recipe_file.is_file():
+        previous = yaml.safe_load(recipe_file.read_text())
+        diff = _first_difference(previous, resolved)
+        if diff:
+            raise ConfigError(f"{run_dir} holds a run of a different recipe (differs at {diff}); "
+                              f"choose another --out (nothing was overwritten)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise EffVisionError(f"{run_dir} exists and is not an effvision run directory; choose another --out")
+    elif dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(recipe_file, yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_json(run_dir / "environment.json", run_environment())
+    barrier()
+
+    for index, cfg in enumerate(recipe.stages, start=1):
+        stage_cls = STAGES[cfg.type]
+        stage_dir = run_dir / f"{index:02d}-{cfg.type}"
+        if (stage_dir / SUMMARY_FILE).is_file():
+            if dist.is_main:
+                print(f"[{stage_dir.name}] finished earlier, skipping")
+            continue
+        interrupted = stage_dir.is_dir() and any(stage_dir.iterdir())
+        if interrupted and not resume:
+            raise EffVisionError(f"stage {stage_dir.name} in {run_dir} was interrupted; rerun with --resume "
+                                 f"to continue it")
+        if interrupted and not stage_cls.resumable and dist.is_main:
+            stage_dir.rename(stage_dir.with_name(f"{stage_dir.name}.incomplete-{int(time.time())}"))
+        if dist.is_main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            print(f"[{stage_dir.name}] {'resuming' if interrupted else 'running'}")
+        barrier()
+        torch.manual_seed(recipe.seed)
+        ctx = StageContext(recipe, run_dir, stage_dir, index, device, dist, resume=resume and interrupted)
+        t0 = time.perf_counter()
+        summary: dict[str, Any] = {}
+        if stage_cls.distributed or dist.is_main:
+            summary = stage_cls(cfg, ctx).run()
+        barrier()
+        if dist.is_main:
+            summary = {"stage": cfg.type, **summary, "stage_time_s": time.perf_counter() - t0}
+            atomic_write_json(stage_dir / SUMMARY_FILE, summary)
+            _print_summary(stage_dir.name, summary)
+    return run_dir
+
+
+def _print_summary(name: str, summary: dict[str, Any]) -> None:
+    keys = ("top1", "top5", "train_time_s", "train_img_per_s", "params_m", "gmacs", "onnx")
+    parts = [f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
+             for k in keys if k in summary]
+    if "parity" in summary:
+        parts.append(f"parity_max_abs_err={summary['parity']['max_abs_error']:.2e}")
+    print(f"[{name}] done: {' '.join(parts)}")

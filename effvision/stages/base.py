@@ -1,0 +1,69 @@
+"""Stages: small classes registered by name; a recipe is a list of them over one run dir.
+
+Each stage writes only into its own directory ``run_dir/NN-<type>/`` and marks completion
+by writing ``summary.json`` last; a stage that makes a model writes it to ``model/`` as
+spec + safetensors, and later stages read the newest earlier one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..engine.distributed import DistInfo
+from ..errors import EffVisionError
+
+__all__ = ["Stage", "StageContext", "STAGES", "register_stage", "SUMMARY_FILE", "MODEL_DIR"]
+
+SUMMARY_FILE = "summary.json"
+MODEL_DIR = "model"
+STAGES: dict[str, type["Stage"]] = {}
+
+
+@dataclass
+class StageContext:
+    recipe: Any                 # effvision.recipe.Recipe
+    run_dir: Path
+    stage_dir: Path
+    index: int
+    device: torch.device
+    dist: DistInfo
+    resume: bool = False
+
+    def previous_model_dir(self, required: bool = True) -> Path | None:
+        """The model directory of the newest earlier stage that produced one."""
+        for d in sorted(self.run_dir.glob("[0-9][0-9]-*"), reverse=True):
+            if int(d.name[:2]) < self.index and (d / MODEL_DIR / "model.json").is_file():
+                return d / MODEL_DIR
+        if not required:
+            return None
+        raise EffVisionError(f"stage {self.stage_dir.name} needs a model, but no earlier stage made one "
+                             f"(put a 'train' stage, or set model.init_from, before it)")
+
+    def previous_stage_file(self, name: str) -> Path | None:
+        """The newest earlier stage's file ``name`` (e.g. the export stage's model.onnx)."""
+        for d in sorted(self.run_dir.glob("[0-9][0-9]-*"), reverse=True):
+            if int(d.name[:2]) < self.index and (d / name).is_file():
+                return d / name
+        return None
+
+
+class Stage:
+    type: ClassVar[str]
+    Config: ClassVar[type]
+    distributed: ClassVar[bool] = False  # runs on every torchrun process (else on rank 0 only)
+    resumable: ClassVar[bool] = False    # continues from its own checkpoints on --resume
+
+    def __init__(self, cfg: Any, ctx: StageContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+
+    def run(self) -> dict[str, Any]:
+        """Do the work; return the summary (written to summary.json by the pipeline)."""
+        raise NotImplementedError
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    STAGES[cls.type] = cls
+    return cls

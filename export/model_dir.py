@@ -1,0 +1,45 @@
+"""Export an effvision model directory (spec + safetensors) to a folder of deployables."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from effvision.errors import EffVisionError
+from effvision.models.io import load_model
+
+from .manifest import write_manifest
+from .onnx import OnnxExportConfig, check_parity, export_onnx
+
+__all__ = ["export_model_dir", "ONNX_FILE"]
+
+ONNX_FILE = "model.onnx"
+
+
+def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExportConfig,
+                     fmt: str = "onnx") -> dict[str, Any]:
+    """model dir -> out_dir/{model.onnx, manifest.json}; refuses to overwrite an existing export."""
+    if fmt != "onnx":
+        raise EffVisionError(f"unknown export format '{fmt}' (available: onnx)")
+    out_dir = Path(out_dir)
+    if (out_dir / ONNX_FILE).exists():
+        raise EffVisionError(f"{out_dir / ONNX_FILE} exists already; choose another --out (nothing was overwritten)")
+    model, spec = load_model(model_dir)
+    shape = (spec.in_chans, spec.img_size, spec.img_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = export_onnx(model, out_dir / ONNX_FILE, shape, cfg)
+    try:
+        parity = check_parity(model, path, shape, cfg.parity_batch_sizes, cfg.atol)
+    except EffVisionError:
+        path.replace(path.with_suffix(".onnx.failed-parity"))  # keep it for inspection, never as model.onnx
+        raise
+    info = {
+        "format": "onnx", "opset": cfg.opset, "model": spec.name, "source": str(model_dir),
+        "input": {"name": "input", "shape": ["batch" if cfg.dynamic_batch else 1, *shape], "dtype": "float32",
+                  "layout": "NCHW"},
+        "output": {"name": "logits", "shape": ["batch" if cfg.dynamic_batch else 1, spec.num_classes]},
+        "preprocessing": {"size": spec.img_size, "mean": list(spec.mean), "std": list(spec.std),
+                          "scale": "pixels / 255, then (x - mean) / std"},
+        "class_names": spec.class_names, "parity": parity,
+    }
+    write_manifest(out_dir, [ONNX_FILE], info)
+    return {"onnx": str(path), **{k: info[k] for k in ("opset", "model")}, "parity": parity}

@@ -1,0 +1,87 @@
+"""ONNX export through torch.export (``torch.onnx.export(dynamo=True)``), with a parity check
+in onnxruntime and a manifest.
+
+The exporter always sees the plain PyTorch model (reference paths, no Triton kernels), so
+the graph stays standard ONNX that onnxruntime and TensorRT read.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from effvision.errors import EffVisionError
+
+__all__ = ["OnnxExportConfig", "export_onnx", "check_parity", "ParityError", "MIN_OPSET", "MAX_OPSET"]
+
+MIN_OPSET, MAX_OPSET = 13, 23
+
+
+class ParityError(EffVisionError):
+    """onnxruntime's output differs from PyTorch's beyond the tolerance."""
+
+
+@dataclass
+class OnnxExportConfig:
+    opset: int = 18
+    dynamic_batch: bool = True
+    parity_batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    atol: float = 1e-4   # fp32 max abs error allowed between PyTorch and onnxruntime
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig) -> Path:
+    """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked."""
+    if not MIN_OPSET <= cfg.opset <= MAX_OPSET:
+        raise EffVisionError(f"opset {cfg.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
+    path = Path(path)
+    model = model.eval().float().cpu()
+    example = torch.randn(2 if cfg.dynamic_batch else 1, *input_shape)  # batch 1 is what a static graph takes
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if cfg.dynamic_batch else None
+    log = io.StringIO()
+    # The exporter prints progress to stdout; keep the CLI's output to what the user asked for.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=cfg.opset,
+                                        input_names=["input"], output_names=["logits"],
+                                        dynamic_shapes=dynamic, external_data=False, verbose=False)
+        except Exception as e:  # the exporter raises many types; the user needs the first line
+            root = e.__cause__ or e
+            raise EffVisionError(f"ONNX export failed: {type(root).__name__}: {str(root).strip().splitlines()[0]}") from None
+    tmp = path.with_name(path.name + ".tmp")
+    program.save(str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def check_parity(model: nn.Module, onnx_path: str | Path, input_shape: tuple[int, int, int],
+                 batch_sizes: list[int], atol: float, seed: int = 0) -> dict[str, Any]:
+    """Max abs error of onnxruntime vs PyTorch (fp32, CPU) at each batch size; raises above atol."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model = model.eval().float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    fixed = session.get_inputs()[0].shape[0]
+    if isinstance(fixed, int):  # a static batch axis runs at its own size only
+        batch_sizes = [fixed]
+    errors = {}
+    for b in batch_sizes:
+        x = torch.randn(b, *input_shape, generator=g)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        if out.shape != ref.shape:
+            raise ParityError(f"onnxruntime output shape {out.shape} != PyTorch {ref.shape} at batch {b}")
+        errors[b] = float(np.abs(out - ref).max())
+    worst = max(errors.values())
+    if not worst <= atol:
+        raise ParityError(f"ONNX parity failed: max abs error {worst:.3g} > {atol:g} (per batch size: {errors})")
+    return {"max_abs_error": worst, "per_batch": errors, "atol": atol, "onnxruntime": ort.__version__}

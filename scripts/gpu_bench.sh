@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Reproduces effvision's GPU figures on one GPU in at most ~8 minutes, data decode and
+# compiles included: results/*.json and results/gpu_bench.md.
+#
+# Runs on a machine's own python3 (torch, timm, onnxruntime installed) with this checkout on
+# PYTHONPATH; nothing is installed. Data: one packed archive of CIFAR-10's ImageFolder,
+#   tar czf .data/cifar10.tgz -C ../shared/datasets cifar10      (about 20 MB)
+# Extra arguments go to python -m effvision.gpu_bench (e.g. --sections inference).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DATA=${CIFAR10_ARCHIVE:-.data/cifar10.tgz}
+if [ ! -e "$DATA" ] && [ -d ../shared/datasets/cifar10 ]; then
+  mkdir -p "$(dirname "$DATA")" && tar czf "$DATA" -C ../shared/datasets cifar10
+fi
+exec "$PY" -m effvision.gpu_bench --data "$DATA" "$@"

@@ -1,0 +1,538 @@
+"""Recipe parsing and the CLI's answer to bad input.
+
+The first half drives the typed parser directly (fast, no subprocess). The second half runs
+``python -m effvision`` as a user does and checks the promise of effvision/cli.py: every bad
+input (recipe, model, dataset, checkpoint, NaN loss, a clashing run dir or export folder)
+exits with code 2 and one ``effvision: error:`` line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from effvision.config import apply_overrides, load_yaml, parse
+from effvision.errors import ConfigError, EffVisionError
+from effvision.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict
+
+# --------------------------------------------------------------------------------------
+# helpers (kept in this file: tests/conftest.py belongs to other work)
+# --------------------------------------------------------------------------------------
+
+ERROR_PREFIX = "effvision: error:"
+# tqdm's progress bar on stderr (the train stage draws one even without a TTY)
+_PROGRESS = re.compile(r"^\s*\d+%\|")
+
+
+def base_recipe(**train: object) -> dict:
+    """A seconds-long CPU recipe on scikit-learn's digits."""
+    return {
+        "name": "cfgtest",
+        "seed": 0,
+        "device": "cpu",
+        "model": {"name": "vit_micro_patch4_32", "kwargs": {}},
+        "data": {"name": "digits", "batch_size": 32, "eval_batch_size": 64, "limit_train": 64,
+                 "limit_eval": 32, "augment": {"crop_padding": 2, "hflip": False}},
+        "stages": [{"type": "train", "epochs": 1, "eval_every": 0, "log_every": 1,
+                    "optimizer": {"name": "adamw", "lr": 1.0e-3},
+                    "scheduler": {"name": "cosine", "warmup_epochs": 0.0}, **train}],
+    }
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "effvision", *args]
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_cmd(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_error_line(rc: int, stderr: str, *needles: str, progress_allowed: bool = False) -> str:
+    """Exit code 2, exactly one ``effvision: error:`` line, no traceback; returns that line.
+
+    Without ``progress_allowed`` stderr must be that line and nothing else. With it, the only
+    other lines allowed are tqdm redraws (str.splitlines splits on the bar's carriage returns).
+    """
+    assert rc == 2, f"exit code {rc}, stderr:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, f"expected one '{ERROR_PREFIX}' line, got:\n{stderr}"
+    others = [line for line in lines if not line.startswith(ERROR_PREFIX)]
+    if progress_allowed:
+        assert all(_PROGRESS.match(line) for line in others), f"unexpected stderr lines: {others}"
+    else:
+        assert not others, f"stderr holds more than the error line:\n{stderr}"
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+# --------------------------------------------------------------------------------------
+# parsing: unknown keys, types, overrides, stage types, YAML syntax
+# --------------------------------------------------------------------------------------
+
+
+def test_base_recipe_parses_into_typed_config():
+    recipe = parse_recipe(base_recipe())
+    assert isinstance(recipe, Recipe)
+    train = recipe.stages[0]
+    assert train.type == "train" and train.epochs == 1 and train.optimizer.lr == pytest.approx(1e-3)
+    assert recipe.data.limit_train == 64 and recipe.data.augment.hflip is False
+    # unspecified values take the dataclass defaults
+    assert recipe.deterministic is False and train.label_smoothing == pytest.approx(0.1)
+
+
+def test_shipped_recipes_parse(tmp_path):
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    paths = sorted(recipes.glob("*.yaml"))
+    assert paths, "no recipes shipped"
+    for path in paths:
+        recipe = load_recipe(path)
+        assert recipe.stages, path
+        # the resolved dict round-trips through YAML to the same recipe
+        again = parse_recipe(yaml.safe_load(yaml.safe_dump(recipe_to_dict(recipe))))
+        assert recipe_to_dict(again) == recipe_to_dict(recipe), path
+
+
+def test_misspelled_stage_key_names_key_and_suggestion():
+    data = base_recipe()
+    data["stages"][0]["epocs"] = data["stages"][0].pop("epochs")
+    with pytest.raises(ConfigError) as e:
+        parse_recipe(data)
+    msg = str(e.value)
+    assert "epocs" in msg and "did you mean 'epochs'" in msg
+
+
+@pytest.mark.parametrize("path, bad, good", [
+    ((), "modle", "model"),
+    (("data",), "batchsize", "batch_size"),
+    (("data", "augment"), "hflp", "hflip"),
+    (("stages", 0, "optimizer"), "lrr", "lr"),
+    (("stages", 0, "scheduler"), "warmup_epoch", "warmup_epochs"),
+])
+def test_unknown_key_anywhere_suggests_closest(path, bad, good):
+    data = base_recipe()
+    node = data
+    for p in path:
+        node = node[p]
+    node[bad] = node.pop(good, 1)
+    with pytest.raises(ConfigError) as e:
+        parse_recipe(data)
+    msg = str(e.value)
+    assert f"'{bad}" in msg or f".{bad}'" in msg, msg
+    assert f"did you mean '{good}'" in msg, msg
+
+
+def test_unrelated_unknown_key_lists_valid_keys():
+    data = base_recipe()
+    data["data"]["zzzz"] = 1
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.zzzz'.*valid keys: .*batch_size"):
+        parse_recipe(data)
+
+
+@pytest.mark.parametrize("path, value, expect", [
+    (("seed",), "zero", "expected an integer"),
+    (("seed",), 1.5, "expected an integer"),
+    (("deterministic",), 1, "expected true/false"),
+    (("device",), "gpu", "not one of"),
+    (("data", "batch_size"), "64", "expected an integer"),
+    (("data", "batch_size"), True, "expected an integer"),
+    (("data", "augment", "hflip"), "sometimes", "expected true/false"),
+    (("data", "augment", "scale"), 0.5, "expected a list"),
+    (("model", "kwargs"), [1, 2], "expected a mapping"),
+    (("model", "name"), 3, "expected a string"),
+    (("stages", 0, "epochs"), 2.5, "expected an integer"),
+    (("stages", 0, "optimizer", "lr"), "fast", "expected a number"),
+    (("stages", 0, "optimizer", "lr"), True, "expected a number"),
+    (("stages", 0, "amp"), "fp8", "not one of"),
+])
+def test_wrong_types_fail_naming_the_position(path, value, expect):
+    data = base_recipe()
+    node = data
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as e:
+        parse_recipe(data)
+    msg = str(e.value)
+    assert expect in msg, msg
+    assert str(path[-1]) in msg, msg  # names the key at fault
+
+
+def test_numbers_yaml_reads_as_strings_are_accepted_for_floats():
+    data = base_recipe()
+    data["stages"][0]["optimizer"]["lr"] = "2e-3"  # PyYAML reads 2e-3 as a string
+    assert parse_recipe(data).stages[0].optimizer.lr == pytest.approx(2e-3)
+
+
+def test_validation_rejects_bad_values():
+    for mutate, expect in [
+        (lambda d: d["stages"][0].update(epochs=0), "epochs must be positive"),
+        (lambda d: d["stages"][0].update(label_smoothing=1.0), "label_smoothing"),
+        (lambda d: d["stages"][0]["optimizer"].update(lr=-1.0), "lr must be positive"),
+        (lambda d: d["stages"][0]["optimizer"].update(name="adamww"), "did you mean 'adamw'"),
+        (lambda d: d["data"].update(batch_size=0), "batch sizes must be positive"),
+        (lambda d: d["data"].update(name="cifar10"), "needs a root"),
+    ]:
+        data = base_recipe()
+        mutate(data)
+        with pytest.raises(ConfigError, match=re.escape(expect)):
+            parse_recipe(data)
+
+
+def test_unknown_stage_type_suggests_closest():
+    data = base_recipe()
+    data["stages"].append({"type": "exprot"})
+    with pytest.raises(ConfigError) as e:
+        parse_recipe(data)
+    msg = str(e.value)
+    assert "stages[1].type" in msg and "'exprot'" in msg and "did you mean 'export'" in msg
+
+
+def test_unknown_stage_type_without_close_match_lists_known_stages():
+    data = base_recipe()
+    data["stages"][0]["type"] = "zzzzzz"
+    with pytest.raises(ConfigError, match=r"unknown stage 'zzzzzz'; known: .*train"):
+        parse_recipe(data)
+
+
+@pytest.mark.parametrize("stages", [None, [], "train", [{"epochs": 3}], [["train"]]])
+def test_stages_must_be_a_nonempty_list_of_typed_mappings(stages):
+    data = base_recipe()
+    if stages is None:
+        del data["stages"]
+    else:
+        data["stages"] = stages
+    with pytest.raises(ConfigError, match="stage"):
+        parse_recipe(data)
+
+
+def test_set_override_by_stage_type_and_index(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", base_recipe())
+    recipe = load_recipe(path, ["stages.train.epochs=5", "stages.0.optimizer.lr=3e-4",
+                                "data.batch_size=16", "data.augment.hflip=true", "data.limit_eval=null",
+                                "model.kwargs.drop_path_rate=0.1", "name=renamed"])
+    train = recipe.stages[0]
+    assert train.epochs == 5 and isinstance(train.epochs, int)
+    assert train.optimizer.lr == pytest.approx(3e-4)
+    assert recipe.data.batch_size == 16 and recipe.data.augment.hflip is True
+    assert recipe.data.limit_eval is None
+    assert recipe.model.kwargs == {"drop_path_rate": 0.1}
+    assert recipe.name == "renamed"
+
+
+def test_set_override_values_are_type_checked(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", base_recipe())
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path, ["stages.0.epochs=x"])
+    assert "stages[0].epochs" in str(e.value) and "expected an integer" in str(e.value)
+    with pytest.raises(ConfigError, match="expected true/false"):
+        load_recipe(path, ["data.augment.hflip=maybe"])
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_recipe(path, ["stages.train.optimizer.lr=fast"])
+
+
+def test_set_override_of_unknown_key_gets_a_suggestion(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", base_recipe())
+    with pytest.raises(ConfigError, match=r"unknown key 'stages\[0\]\.epocs'; did you mean 'epochs'"):
+        load_recipe(path, ["stages.train.epocs=5"])
+    with pytest.raises(ConfigError, match=r"did you mean 'batch_size'"):
+        load_recipe(path, ["data.batchsize=5"])
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("stages.train.epochs", "not of the form key=value"),
+    ("stages.eval.epochs=1", "no item of type 'eval'"),
+    ("stages.3.epochs=1", "out of range"),
+    ("seed.x=1", "not a mapping"),
+])
+def test_bad_set_overrides(tmp_path, override, expect):
+    path = write_recipe(tmp_path / "r.yaml", base_recipe())
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        load_recipe(path, [override])
+
+
+def test_override_by_type_is_ambiguous_with_two_stages_of_that_type(tmp_path):
+    data = base_recipe()
+    data["stages"].append(copy.deepcopy(data["stages"][0]))
+    path = write_recipe(tmp_path / "r.yaml", data)
+    with pytest.raises(ConfigError, match="more than one item of type 'train'"):
+        load_recipe(path, ["stages.train.epochs=2"])
+    assert load_recipe(path, ["stages.1.epochs=2"]).stages[1].epochs == 2
+
+
+def test_overrides_do_not_touch_the_recipe_file(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", base_recipe())
+    before = path.read_bytes()
+    load_recipe(path, ["stages.train.epochs=7"])
+    assert path.read_bytes() == before
+    raw = load_yaml(path)
+    assert apply_overrides(raw, ["seed=3"]) is raw and raw["seed"] == 3
+
+
+MALFORMED = (
+    "name: t\n"
+    "seed: 0\n"
+    "data:\n"
+    "  name: digits\n"
+    "  batch_size: 64: 32\n"      # line 5: a second ':' on one line
+    "stages:\n"
+    "  - type: train\n"
+)
+
+
+def test_malformed_yaml_reports_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(MALFORMED)
+    with pytest.raises(ConfigError) as e:
+        load_yaml(path)
+    msg = str(e.value)
+    assert "malformed YAML" in msg and str(path) in msg
+    m = re.search(r"line (\d+), column (\d+)", msg)
+    assert m, msg
+    assert int(m.group(1)) == 5 and int(m.group(2)) == 17  # the second colon
+
+
+def test_tab_indentation_reports_its_line(tmp_path):
+    path = tmp_path / "tab.yaml"
+    path.write_text("name: t\ndata:\n  name: digits\n\tbatch_size: 3\nstages: []\n")
+    with pytest.raises(ConfigError, match=r"line 4, column 1"):
+        load_yaml(path)
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("", "a recipe is a YAML mapping"),
+    ("- a\n- b\n", "a recipe is a YAML mapping"),
+])
+def test_recipe_must_be_a_mapping(tmp_path, text, expect):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expect):
+        load_yaml(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_yaml(tmp_path / "nope.yaml")
+
+
+def test_parse_rejects_non_mapping_section():
+    with pytest.raises(ConfigError, match="data: expected a mapping"):
+        parse(Recipe, {"data": "digits"})
+
+
+# --------------------------------------------------------------------------------------
+# the CLI: exit code 2, one line, no traceback
+# --------------------------------------------------------------------------------------
+
+
+def _save_untrained(name: str, directory: Path) -> Path:
+    import timm
+
+    from effvision.models.io import ModelSpec, save_model
+
+    model = timm.create_model(name)
+    return save_model(model, ModelSpec(name=name), directory)
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Start every bad-input CLI call at once (each pays ~7 s of imports), collect lazily."""
+    root = tmp_path_factory.mktemp("cli_bad_inputs")
+    recipe = write_recipe(root / "recipe.yaml", base_recipe())
+    (root / "malformed.yaml").write_text(MALFORMED)
+    typo = base_recipe()
+    typo["stages"][0]["epocs"] = typo["stages"][0].pop("epochs")
+    write_recipe(root / "typo.yaml", typo)
+    stage_typo = base_recipe()
+    stage_typo["stages"][0]["type"] = "trian"
+    write_recipe(root / "stage_typo.yaml", stage_typo)
+
+    corrupt = _save_untrained("vit_micro_patch4_32", root / "corrupt_model")
+    (corrupt / "model.safetensors").write_bytes(os.urandom(4096))
+    mismatched = root / "mismatched_model"
+    _save_untrained("vit_tiny_patch4_32", mismatched)
+    _save_untrained("vit_micro_patch4_32", root / "micro_model")
+    (mismatched / "model.json").write_bytes((root / "micro_model" / "model.json").read_bytes())
+
+    cases = {
+        "malformed_yaml": ["run", str(root / "malformed.yaml"), "--out", "r_malformed"],
+        "unknown_key": ["run", str(root / "typo.yaml"), "--out", "r_typo"],
+        "unknown_key_set": ["run", str(recipe), "--out", "r_typo_set", "--set", "stages.train.epocs=3"],
+        "bad_set_type": ["run", str(recipe), "--out", "r_set_type", "--set", "stages.0.epochs=x"],
+        "unknown_stage": ["run", str(root / "stage_typo.yaml"), "--out", "r_stage"],
+        "unknown_model": ["run", str(recipe), "--out", "r_model", "--set", "model.name=not_a_model"],
+        "missing_dataset": ["run", str(recipe), "--out", "r_data", "--set", "data.name=cifar10",
+                            "--set", "data.root=/nonexistent"],
+        "corrupt_checkpoint": ["export", str(corrupt), "--out", "x_corrupt"],
+        "mismatched_checkpoint": ["export", str(mismatched), "--out", "x_mismatched"],
+    }
+    procs = {name: subprocess.Popen(cli_cmd(*args), cwd=root, env=cli_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, args in cases.items()}
+    results: dict[str, tuple[int, str, str]] = {}
+
+    def result(name: str) -> tuple[int, str, str, Path]:
+        if name not in results:
+            out, err = procs[name].communicate(timeout=300)
+            results[name] = (procs[name].returncode, out, err)
+        return (*results[name], root)
+
+    yield result
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("malformed_yaml", ("malformed YAML", "line 5, column 17")),
+    ("unknown_key", ("'stages[0].epocs'", "did you mean 'epochs'")),
+    ("unknown_key_set", ("'stages[0].epocs'", "did you mean 'epochs'")),
+    ("bad_set_type", ("stages[0].epochs", "expected an integer")),
+    ("unknown_stage", ("unknown stage 'trian'", "did you mean 'train'")),
+    ("unknown_model", ("not_a_model",)),
+    ("missing_dataset", ("/nonexistent",)),
+    ("corrupt_checkpoint", ("corrupt checkpoint", "model.safetensors")),
+    ("mismatched_checkpoint", ("does not match the model",)),
+])
+def test_cli_bad_input_is_one_line_exit_2(bad_input_runs, case, needles):
+    rc, _out, err, root = bad_input_runs(case)
+    assert_one_error_line(rc, err, *needles)
+
+
+def test_cli_config_errors_create_no_run_dir(bad_input_runs):
+    # errors found while parsing leave nothing behind
+    for case, out in [("malformed_yaml", "r_malformed"), ("unknown_key", "r_typo"),
+                      ("bad_set_type", "r_set_type"), ("unknown_stage", "r_stage")]:
+        rc, _out, _err, root = bad_input_runs(case)
+        assert rc == 2
+        assert not (root / out).exists(), case
+
+
+def test_cli_checkpoint_errors_write_no_export(bad_input_runs):
+    for case, out in [("corrupt_checkpoint", "x_corrupt"), ("mismatched_checkpoint", "x_mismatched")]:
+        rc, _out, _err, root = bad_input_runs(case)
+        assert rc == 2
+        assert not (root / out / "model.onnx").exists(), case
+
+
+def test_cli_debug_shows_the_traceback(tmp_path):
+    # --debug is the documented escape hatch: the same error, raised with its traceback
+    recipe = base_recipe()
+    recipe["stages"][0]["epocs"] = recipe["stages"][0].pop("epochs")
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = run_cli("--debug", "run", str(path), "--out", "run", cwd=tmp_path)
+    assert proc.returncode != 0 and proc.returncode != 2
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_nan_loss_stops_with_exit_2_and_keeps_no_later_checkpoint(tmp_path):
+    # adamw at lr 1e6 without label smoothing: the first update blows the weights up and the
+    # loss of step 1 is NaN (deterministic on the CPU with seed 0).
+    data = base_recipe(epochs=2, log_every=1, checkpoint_every=1, label_smoothing=0.0,
+                       optimizer={"name": "adamw", "lr": 1.0e6, "weight_decay": 0.0})
+    data["data"].update(limit_train=256, limit_eval=64)
+    path = write_recipe(tmp_path / "nan.yaml", data)
+    proc = run_cli("run", str(path), "--out", "run", cwd=tmp_path)
+    line = assert_one_error_line(proc.returncode, proc.stderr, "loss is", progress_allowed=True)
+    m = re.search(r"loss is (\S+) at epoch (\d+), step (\d+)", line)
+    assert m, line
+    assert m.group(1).rstrip(",;") in ("nan", "inf", "-inf"), line
+    epoch, step = int(m.group(2)), int(m.group(3))
+    steps_per_epoch = 256 // 32
+    bad_global_step = epoch * steps_per_epoch + step + 1  # the update whose loss was NaN
+
+    stage = tmp_path / "run" / "01-train"
+    assert not (stage / "summary.json").exists()
+    assert not (stage / "model").exists()
+    ckpts = stage / "checkpoints"
+    if ckpts.exists():
+        steps = [int(p.name.split("-")[1]) for p in ckpts.glob("step-*")]
+        assert all(s < bad_global_step for s in steps), (steps, bad_global_step)
+        assert not list(ckpts.glob(".step-*")), "a half-written checkpoint was left behind"
+        latest = ckpts / "latest"
+        if latest.exists():
+            target = ckpts / latest.read_text().strip()
+            assert target.is_dir() and int(target.name.split("-")[1]) < bad_global_step
+    # the metrics log holds only finite losses, all before the NaN
+    import json
+    import math
+
+    records = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    for r in records:
+        if "loss" in r and "global_step" in r:
+            assert math.isfinite(r["loss"]) and r["global_step"] < bad_global_step
+
+
+@pytest.mark.slow
+def test_cli_rerun_with_different_recipe_refuses_and_keeps_recipe(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", base_recipe())
+    first = run_cli("run", str(path), "--out", "run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "run"
+    recipe_bytes = (run / "recipe.yaml").read_bytes()
+    summary_bytes = (run / "01-train" / "summary.json").read_bytes()
+    weights_bytes = (run / "01-train" / "model" / "model.safetensors").read_bytes()
+
+    again = run_cli("run", str(path), "--out", "run", "--set", "stages.train.optimizer.lr=5e-4", cwd=tmp_path)
+    line = assert_one_error_line(again.returncode, again.stderr, "different recipe")
+    assert "lr" in line  # names where the recipes differ
+    assert (run / "recipe.yaml").read_bytes() == recipe_bytes
+    assert (run / "01-train" / "summary.json").read_bytes() == summary_bytes
+    assert (run / "01-train" / "model" / "model.safetensors").read_bytes() == weights_bytes
+
+    # the same recipe again is a no-op that skips the finished stage
+    same = run_cli("run", str(path), "--out", "run", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
+    assert "skipping" in same.stdout
+    assert (run / "recipe.yaml").read_bytes() == recipe_bytes
+    assert (run / "01-train" / "summary.json").read_bytes() == summary_bytes
+
+
+def test_cli_run_into_a_foreign_nonempty_dir_refuses(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", base_recipe())
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    proc = run_cli("run", str(path), "--out", str(out), cwd=tmp_path)
+    assert_one_error_line(proc.returncode, proc.stderr, "not an effvision run directory")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_cli_export_into_existing_output_refuses(tmp_path):
+    from effvision.export import OnnxExportConfig, export_model_dir
+
+    model_dir = _save_untrained("vit_micro_patch4_32", tmp_path / "model")
+    out = tmp_path / "exported"
+    export_model_dir(model_dir, out, OnnxExportConfig())  # a real first export
+    onnx_before = (out / "model.onnx").read_bytes()
+    manifest_before = (out / "manifest.json").read_bytes()
+    mtime = (out / "model.onnx").stat().st_mtime_ns
+
+    proc = run_cli("export", str(model_dir), "--out", str(out), cwd=tmp_path)
+    assert_one_error_line(proc.returncode, proc.stderr, "exists already")
+    assert (out / "model.onnx").read_bytes() == onnx_before
+    assert (out / "model.onnx").stat().st_mtime_ns == mtime
+    assert (out / "manifest.json").read_bytes() == manifest_before
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.failed-parity"))
