@@ -57,6 +57,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import benchmark
 
+    out = Path(args.json) if args.json else None
+    if out is not None and out.exists():
+        raise EffVisionError(f"{out} exists already; choose another --json path (nothing was overwritten)")
+    if out is not None and not out.parent.is_dir():
+        raise EffVisionError(f"folder {out.parent} for --json does not exist")
     results = []
     for backend in args.backend:
         r = benchmark(args.target, backend, args.device, args.batch_size, args.img_size, args.warmup, args.iters,
@@ -64,10 +69,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"{backend:8s} {args.device:5s} batch {args.batch_size:4d}: {r['img_per_s']:10.1f} img/s  "
               f"p50 {r['latency_ms_p50']:.2f} ms  p90 {r['latency_ms_p90']:.2f} ms")
         results.append(r)
-    if args.json:
-        out = Path(args.json)
-        if out.exists():
-            raise EffVisionError(f"{out} exists already; choose another --json path (nothing was overwritten)")
+    if out is not None:
         out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

@@ -23,7 +23,7 @@ from .io import atomic_write_json, atomic_write_text
 from .recipe import Recipe, parse_recipe, recipe_to_dict
 from .runinfo import run_environment
 from .stages import STAGES, SUMMARY_FILE, StageContext
-from .stages.common import resolve_device
+from .stages.common import preflight, resolve_device
 
 __all__ = ["run_recipe", "RECIPE_FILE", "load_run_recipe"]
 
@@ -60,6 +60,7 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, overrides
     recipe = parse_recipe(copy.deepcopy(raw))
     resolved = recipe_to_dict(recipe)
     run_dir = Path(out) if out else Path("runs") / recipe.name
+    preflight(recipe)
 
     device = resolve_device(recipe.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device)
@@ -70,7 +71,13 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, overrides
         torch.use_deterministic_algorithms(True)
 
     recipe_file = run_dir / RECIPE_FILE
-    if recipe_file.is_file():
+    started = any(d.is_dir() and any(d.iterdir()) for d in run_dir.glob("[0-9][0-9]-*"))
+    if recipe_file.is_file() and not started:
+        # A run that failed before any stage produced output holds nothing to protect:
+        # the corrected recipe takes its place.
+        if dist.is_main:
+            atomic_write_text(recipe_file, yaml.safe_dump(resolved, sort_keys=False))
+    elif recipe_file.is_file():
         previous = yaml.safe_load(recipe_file.read_text())
         diff = _first_difference(previous, resolved)
         if diff:

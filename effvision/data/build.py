@@ -45,7 +45,8 @@ def load_arrays(cfg: DataConfig) -> dict[str, ImageArrays]:
         splits = decode_archive(cfg.root, cfg.img_size)  # type: ignore[arg-type]
     elif cfg.root is not None and Path(cfg.root).exists():
         root = Path(cfg.root)
-        splits = {s: decode_imagefolder(root / s, cfg.img_size, CACHE_DIR) for s in (cfg.train_split, cfg.eval_split)}
+        limits = {cfg.train_split: cfg.limit_train, cfg.eval_split: cfg.limit_eval}
+        splits = {s: decode_imagefolder(root / s, cfg.img_size, CACHE_DIR, limit=n) for s, n in limits.items()}
     elif cfg.name == "cifar10" and cfg.download:
         splits = torchvision_cifar10(cfg.root or CACHE_DIR / "cifar10")
     else:

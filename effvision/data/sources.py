@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
 from ..errors import EffVisionError
@@ -44,9 +44,15 @@ class ImageArrays:
         """The first ``limit`` samples of a class-interleaved order (keeps classes balanced)."""
         if limit is None or limit >= len(self):
             return self
-        order = torch.argsort(_rank_within_class(self.labels) * len(self.classes) + self.labels, stable=True)
-        keep = order[:limit].sort().values
+        keep = balanced_indices(self.labels, limit)
         return ImageArrays(self.images[keep], self.labels[keep], self.classes)
+
+
+def balanced_indices(labels: torch.Tensor, limit: int) -> torch.Tensor:
+    """Sorted indices of the first ``limit`` samples when classes take turns (0, 1, ..., 0, 1, ...)."""
+    num_classes = int(labels.max()) + 1
+    order = torch.argsort(_rank_within_class(labels) * num_classes + labels, stable=True)
+    return order[:limit].sort().values
 
 
 def _rank_within_class(labels: torch.Tensor) -> torch.Tensor:
@@ -74,12 +80,15 @@ def digits(img_size: int = 32) -> dict[str, ImageArrays]:
     }
 
 
-def _decode(data: bytes, size: int | None) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im)  # (H, W, 3)
+def _decode(data: bytes, size: int | None, name: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            return np.asarray(im)  # (H, W, 3)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise EffVisionError(f"cannot decode image {name}: {e}") from None
 
 
 def _stack(arrays: list[np.ndarray], labels: list[int], classes: list[str]) -> ImageArrays:
@@ -108,17 +117,21 @@ def _list_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def decode_imagefolder(root: str | Path, img_size: int | None = None, cache_dir: str | Path | None = None,
-                       workers: int | None = None) -> ImageArrays:
-    """Decode an ImageFolder split once into uint8 arrays, cached as safetensors."""
+                       workers: int | None = None, limit: int | None = None) -> ImageArrays:
+    """Decode an ImageFolder split once into uint8 arrays, cached as safetensors; with ``limit``
+    only that class-balanced subset (ImageArrays.subset's choice) is decoded."""
     root = Path(root)
     files, labels, classes = _list_folder(root)
-    key = hashlib.sha256(f"{root.resolve()}|{len(files)}|{files[-1]}|{img_size}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{root.resolve()}|{len(files)}|{files[-1]}|{img_size}|{limit}".encode()).hexdigest()[:16]
+    if limit is not None and limit < len(files):
+        keep = balanced_indices(torch.tensor(labels), limit).tolist()
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     cache = Path(cache_dir) / f"{root.name}-{key}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
         t = load_file(str(cache))
         return ImageArrays(t["images"], t["labels"], classes)
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        arrays = list(pool.map(lambda f: _decode(f.read_bytes(), img_size), files, chunksize=256))
+        arrays = list(pool.map(lambda f: _decode(f.read_bytes(), img_size, str(f)), files, chunksize=256))
     out = _stack(arrays, labels, classes)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -134,7 +147,7 @@ def decode_archive(path: str | Path, img_size: int | None = None, workers: int |
     path = Path(path)
     if not path.is_file():
         raise EffVisionError(f"dataset archive not found: {path}")
-    entries: dict[str, list[tuple[str, bytes]]] = {}
+    entries: dict[str, list[tuple[str, bytes, str]]] = {}  # split -> (class, bytes, member name)
     try:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
@@ -144,7 +157,7 @@ def decode_archive(path: str | Path, img_size: int | None = None, workers: int |
                 split, cls = parts[-3], parts[-2]
                 f = tar.extractfile(m)
                 assert f is not None
-                entries.setdefault(split, []).append((cls, f.read()))
+                entries.setdefault(split, []).append((cls, f.read(), m.name))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise EffVisionError(f"corrupt dataset archive {path}: {e}") from None
     if not entries:
@@ -152,10 +165,10 @@ def decode_archive(path: str | Path, img_size: int | None = None, workers: int |
     out = {}
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
         for split, items in entries.items():
-            classes = sorted({c for c, _ in items})
+            classes = sorted({c for c, _, _ in items})
             index = {c: i for i, c in enumerate(classes)}
-            arrays = list(pool.map(lambda it: _decode(it[1], img_size), items, chunksize=256))
-            out[split] = _stack(arrays, [index[c] for c, _ in items], classes)
+            arrays = list(pool.map(lambda it: _decode(it[1], img_size, f"{path}:{it[2]}"), items, chunksize=256))
+            out[split] = _stack(arrays, [index[c] for c, _, _ in items], classes)
     return out
 
 

@@ -68,16 +68,26 @@ class TensorLoader:
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]  # the global batch
             x = self.images[idx]  # (B, C, H, W) uint8
             if self.train:
-                x = self._augment(x, step_seed(self.seed, epoch, step))
+                seed = step_seed(self.seed, epoch, step)
+                x = self._erase((self._augment(x, seed).float() - self.mean) / self.std, seed)
                 lo = self.rank * per_rank
                 x, idx = x[lo:lo + per_rank], idx[lo:lo + per_rank]
-            x = (x.float() - self.mean) / self.std
-            if self.erasing is not None:
-                random.seed(step_seed(self.seed, epoch, step, self.rank))  # timm's erasing draws from `random`
-                x = self.erasing(x)
+            else:
+                x = (x.float() - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
+
+    def _erase(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """timm's RandomErasing on the whole global batch. It draws boxes from `random` and fill
+        values from torch's global RNG: both are seeded here, torch's inside fork_rng so the
+        trainer's own RNG stream (dropout, drop-path) is left as it was."""
+        if self.erasing is None:
+            return x
+        random.seed(seed)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self.erasing(x)
 
     def _augment(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         """Random crop after zero padding, and horizontal flip, for the whole batch at once."""

@@ -31,8 +31,10 @@ class OptimizerConfig:
             close = difflib.get_close_matches(self.name, list(OPTIMIZERS) + list_optimizers(), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}.name: unknown optimizer '{self.name}'{hint}")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr must be positive")
+        if not 0 < self.lr < float("inf"):  # also rejects nan
+            raise ConfigError(f"{where}.lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"{where}.weight_decay must be a non-negative finite number, got {self.weight_decay}")
 
 
 OptimizerFactory = Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]

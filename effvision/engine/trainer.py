@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..data.build import Loaders
 from ..data.config import AugmentConfig
 from ..data.tensor_loader import step_seed
-from ..errors import TrainingDiverged
+from ..errors import EffVisionError, TrainingDiverged
 from ..io import append_jsonl
 from .checkpoint import Checkpointer, TrainPosition
 from .config import TrainConfig
@@ -57,7 +57,8 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.steps_per_epoch = len(loaders.train)
         if self.steps_per_epoch == 0:
-            raise ValueError("the training set is smaller than one batch")
+            raise EffVisionError(f"the training set is smaller than one batch ({loaders.train.batch_size}); "
+                                 f"lower data.batch_size")
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
         self.model = model.to(device)
@@ -68,9 +69,8 @@ class Trainer:
         self.optimizer = create_optimizer(self.model, cfg.optimizer)
         self.scheduler = self._create_scheduler()
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema_decay else None
-        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
-        self.amp = amp
-        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
 
         self.mixup = None
         if augment is not None and (augment.mixup > 0 or augment.cutmix > 0):
@@ -91,6 +91,8 @@ class Trainer:
             self.train_module = torch.compile(self.train_module)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints")
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def _create_scheduler(self) -> Any:
         s = self.cfg.scheduler
@@ -147,63 +149,68 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=pos.global_step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0)
         metrics: dict[str, Any] = {}
-        train_time = 0.0
-        images_seen = 0
-        for epoch in range(pos.epoch, self.cfg.epochs):
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=self.device)
-            window_start, window_images, window_steps = time.perf_counter(), 0, 0
-            start_step = pos.step if epoch == pos.epoch else 0
-            for step, (x, y) in enumerate(self.loaders.train.epoch(epoch, start_step), start=start_step):
-                loss = self._train_step(x, y, epoch, step, pos.global_step)
-                loss_sum += loss.detach()
-                pos = TrainPosition(epoch, step + 1, pos.global_step + 1)
-                window_images += len(y) * self.dist.world_size
-                window_steps += 1
-                bar.update(1)
-                if pos.global_step % self.cfg.log_every == 0 or step + 1 == self.steps_per_epoch:
-                    # One host sync per window: the NaN check and the logged loss share it.
-                    mean_loss = float(all_reduce_mean(loss_sum)) / window_steps
-                    if not math.isfinite(mean_loss):
-                        raise TrainingDiverged(
-                            f"loss is {mean_loss} at epoch {epoch}, step {step}; the last good checkpoint is kept in "
-                            f"{self.checkpointer.dir} (lower the learning rate, or add grad_clip)")
-                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+        train_time, images_seen = 0.0, 0
+        try:
+            for epoch in range(pos.epoch, self.cfg.epochs):
+                start_step = pos.step if epoch == pos.epoch else 0
+                t0 = time.perf_counter()
+                pos = self._train_epoch(epoch, start_step, pos, bar)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                epoch_time = time.perf_counter() - t0
+                train_time += epoch_time
+                images_seen += (self.steps_per_epoch - start_step) * self.loaders.train.batch_size
+                pos = TrainPosition(epoch + 1, 0, pos.global_step)
+                last = epoch + 1 == self.cfg.epochs
+                if last or (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0):
+                    metrics = {**self._evaluate(), "epoch": epoch, "epoch_time_s": epoch_time}
                     if self.dist.is_main:
-                        append_jsonl(self.metrics_path, {"epoch": epoch, "step": step, "global_step": pos.global_step,
-                                                         "loss": mean_loss, "lr": lr, "img_per_s": rate})
-                    loss_sum.zero_()
-                    window_start, window_images, window_steps = time.perf_counter(), 0, 0
-                if self.cfg.checkpoint_every and pos.global_step % self.cfg.checkpoint_every == 0 \
-                        and step + 1 < self.steps_per_epoch:
-                    if not bool(torch.isfinite(all_reduce_mean(loss_sum))):
-                        raise TrainingDiverged(f"loss is not finite before step {pos.global_step}'s checkpoint; "
-                                               f"the last good checkpoint is kept in {self.checkpointer.dir}")
-                    self._save(pos)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            epoch_time = time.perf_counter() - t0
-            train_time += epoch_time
-            images_seen += (self.steps_per_epoch - start_step) * self.loaders.train.batch_size
-            pos = TrainPosition(epoch + 1, 0, pos.global_step)
-            last = epoch + 1 == self.cfg.epochs
-            if last or (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0):
-                metrics = self._evaluate()
-                metrics.update(epoch=epoch, epoch_time_s=epoch_time)
-                if self.dist.is_main:
-                    append_jsonl(self.metrics_path, {"eval": True, **metrics})
-                    bar.write(f"epoch {epoch}: top1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  "
-                              f"({epoch_time:.1f} s)")
-                for cb in self.hooks.on_epoch_end:
-                    cb(epoch, metrics)
-            self._save(pos)
-        bar.close()
+                        append_jsonl(self.metrics_path, {"eval": True, **metrics})
+                        bar.write(f"epoch {epoch}: top1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  "
+                                  f"({epoch_time:.1f} s)")
+                    for cb in self.hooks.on_epoch_end:
+                        cb(epoch, metrics)
+                self._save(pos)
+        finally:
+            bar.close()  # before any error message, so the message gets its own line
         metrics["train_time_s"] = train_time
         metrics["train_img_per_s"] = images_seen / train_time if train_time else 0.0
         final = self.ema.module if self.ema is not None else self.model
         return TrainResult(final, metrics, train_time)
+
+    def _train_epoch(self, epoch: int, start_step: int, pos: TrainPosition, bar: tqdm) -> TrainPosition:
+        """Steps ``start_step``.. of one epoch, logging every ``log_every`` steps; returns the position."""
+        loss_sum = torch.zeros((), device=self.device)
+        window_start, window_images, window_steps = time.perf_counter(), 0, 0
+        for step, (x, y) in enumerate(self.loaders.train.epoch(epoch, start_step), start=start_step):
+            loss = self._train_step(x, y, epoch, step, pos.global_step)
+            loss_sum += loss.detach()
+            pos = TrainPosition(epoch, step + 1, pos.global_step + 1)
+            window_images += len(y) * self.dist.world_size
+            window_steps += 1
+            bar.update(1)
+            if pos.global_step % self.cfg.log_every == 0 or step + 1 == self.steps_per_epoch:
+                # One host sync per window: the NaN check and the logged loss share it.
+                mean_loss = float(all_reduce_mean(loss_sum)) / window_steps
+                self._check_finite(mean_loss, f"epoch {epoch}, step {step}")
+                rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                if self.dist.is_main:
+                    append_jsonl(self.metrics_path, {"epoch": epoch, "step": step, "global_step": pos.global_step,
+                                                     "loss": mean_loss, "lr": lr, "img_per_s": rate})
+                loss_sum.zero_()
+                window_start, window_images, window_steps = time.perf_counter(), 0, 0
+            if self.cfg.checkpoint_every and pos.global_step % self.cfg.checkpoint_every == 0 \
+                    and step + 1 < self.steps_per_epoch:
+                self._check_finite(float(all_reduce_mean(loss_sum)), f"before step {pos.global_step}'s checkpoint")
+                self._save(pos)
+        return pos
+
+    def _check_finite(self, loss: float, where: str) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss} at {where}; the last good checkpoint is kept in "
+                                   f"{self.checkpointer.dir} (lower the learning rate, or add grad_clip)")
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int, global_step: int) -> torch.Tensor:
         for hook in self.hooks.before_step:

@@ -10,7 +10,7 @@ from ..data import DataInfo, Loaders, build_loaders
 from ..errors import EffVisionError
 from ..models.io import ModelSpec, create_model, load_model, load_weights
 
-__all__ = ["resolve_device", "build_recipe_model", "build_recipe_loaders"]
+__all__ = ["resolve_device", "build_recipe_model", "build_recipe_loaders", "preflight"]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -70,3 +70,13 @@ def build_recipe_loaders(recipe, device: torch.device, rank: int = 0, world_size
     mean, std = model_norm(recipe)
     return build_loaders(recipe.data, mean=mean, std=std, device=device, seed=recipe.seed, rank=rank,
                          world_size=world_size, channels_last=channels_last)
+
+
+def preflight(recipe) -> None:
+    """Cheap checks of the user's inputs before a run directory is touched."""
+    model_norm(recipe)  # raises the clear error for an unknown model name
+    data = recipe.data
+    if data.name != "digits" and data.root is not None and not Path(data.root).exists() and not data.download:
+        raise EffVisionError(f"dataset not found: {data.root} (data.root of '{data.name}')")
+    if recipe.model.init_from and not Path(recipe.model.init_from).exists():
+        raise EffVisionError(f"model.init_from not found: {recipe.model.init_from}")

@@ -1,0 +1,41 @@
+"""The shipped recipes parse, build their models, and (the GPU one) run end to end on a small
+CPU slice of the real CIFAR-10, so the GPU machine never meets a broken recipe."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from effvision.recipe import load_recipe
+from effvision.stages.common import recipe_spec
+from effvision.models.io import create_model
+
+from conftest import REPO, SHARED, cli, needs_shared
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_parses_and_builds_its_model(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.stages and recipe.stages[0].type == "train"
+    model = create_model(recipe_spec(recipe))
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@needs_shared
+def test_cifar10_reference_recipe_runs_on_a_cpu_slice(tmp_path: Path) -> None:
+    run = tmp_path / "c10"
+    r = cli("run", str(REPO / "recipes" / "cifar10_vit_tiny.yaml"), "--out", str(run),
+            "--set", f"data.root={SHARED / 'datasets' / 'cifar10'}", "--set", "device=cpu",
+            "--set", "data.limit_train=512", "--set", "data.limit_eval=200", "--set", "data.eval_batch_size=200",
+            "--set", "stages.train.epochs=1", "--set", "stages.train.compile=false",
+            "--set", "stages.train.channels_last=false", "--set", "stages.train.optimizer.kwargs.fused=false",
+            env={"HOME": str(tmp_path)})  # the decode cache lands in tmp_path/.cache
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = json.loads((run / "01-train" / "summary.json").read_text())
+    assert train["model"] == "convvit_small_32" and train["epochs"] == 1
+    ev = json.loads((run / "02-eval" / "summary.json").read_text())
+    assert ev["samples"] == 200
+    assert json.loads((run / "03-export" / "summary.json").read_text())["parity"]["max_abs_error"] <= 1e-4
