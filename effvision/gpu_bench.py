@@ -71,7 +71,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
 
 def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> str:
     gpu = env["hardware"].get("gpu", {}).get("name", "no GPU")
-    lines = [f"# effvision GPU figures\n", f"GPU: {gpu}; torch {env['versions'].get('torch')}, "
+    lines = ["# effvision GPU figures\n", f"GPU: {gpu}; torch {env['versions'].get('torch')}, "
              f"timm {env['versions'].get('timm')}; command: scripts/gpu_bench.sh\n"]
     if "inference" in results:
         lines += ["## Inference (bf16, batch 256, 224x224, channels_last, median of 15)\n",

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from conftest import cli, tiny_recipe

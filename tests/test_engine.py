@@ -122,3 +122,18 @@ def test_folder_loader_trains_with_timm_randaugment(tmp_path: Path) -> None:
                       device=CPU, out_dir=tmp_path / "run", num_classes=2, progress=False)
     result = trainer.fit()
     assert result.metrics["samples"] == 8 and 0 <= result.metrics["top1"] <= 100
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path: Path) -> None:
+    # torch.compile (inductor, C++ on the CPU) must train the same model as eager, up to
+    # kernel-fusion rounding over a couple of AdamW steps.
+    cfg = dict(epochs=1, eval_every=0, label_smoothing=0.0)
+    from torch._dynamo.utils import counters
+
+    _, eager = _fit(tmp_path / "eager", TrainConfig(**cfg), loaders=_digits(limit=128))
+    counters.clear()
+    trainer, compiled = _fit(tmp_path / "compiled", TrainConfig(compile=True, **cfg), loaders=_digits(limit=128))
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really captured a graph (no silent eager)
+    for k, v in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[k], v, atol=1e-4, rtol=1e-4)
