@@ -47,7 +47,7 @@ class ModelSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def create_model(spec: ModelSpec) -> nn.Module:
+def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
     """``timm.create_model`` with a clear error for unknown names."""
     import effvision.models.small_vit  # noqa: F401  (registration)
 
@@ -56,9 +56,15 @@ def create_model(spec: ModelSpec) -> nn.Module:
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise EffVisionError(f"unknown model '{spec.name}'{hint} (see `effvision models`)")
     try:
-        return timm.create_model(spec.name, num_classes=spec.num_classes, in_chans=spec.in_chans, **spec.kwargs)
+        return timm.create_model(spec.name, pretrained=pretrained, num_classes=spec.num_classes,
+                                 in_chans=spec.in_chans, **spec.kwargs)
     except TypeError as e:
         raise EffVisionError(f"model '{spec.name}' rejected its kwargs {spec.kwargs}: {e}") from None
+    except Exception as e:  # hub/network failures come in many types
+        if not pretrained:
+            raise
+        raise EffVisionError(f"pretrained weights for '{spec.name}' are not available here: "
+                             f"{str(e).strip().splitlines()[0]}") from None
 
 
 def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path:

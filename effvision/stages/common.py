@@ -26,9 +26,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 def recipe_spec(recipe, info: DataInfo | None = None) -> ModelSpec:
     """The ModelSpec a recipe's model section describes (classes from the data when known)."""
     num_classes = len(info.classes) if info else 10
-    spec = ModelSpec(name=recipe.model.name, kwargs=dict(recipe.model.kwargs), num_classes=num_classes,
+    return ModelSpec(name=recipe.model.name, kwargs=dict(recipe.model.kwargs), num_classes=num_classes,
                      img_size=recipe.data.img_size, class_names=list(info.classes) if info else [])
-    return spec
 
 
 def build_recipe_model(recipe, info: DataInfo) -> tuple[nn.Module, ModelSpec]:
@@ -40,10 +39,7 @@ def build_recipe_model(recipe, info: DataInfo) -> tuple[nn.Module, ModelSpec]:
         if loaded.num_classes != spec.num_classes:
             raise EffVisionError(f"model.init_from {init} has {loaded.num_classes} classes, the data {spec.num_classes}")
         return model, loaded
-    if recipe.model.pretrained:
-        spec.kwargs["pretrained"] = True
-    model = create_model(spec)
-    spec.kwargs.pop("pretrained", None)
+    model = create_model(spec, pretrained=recipe.model.pretrained)
     if init:
         if not Path(init).is_file():
             raise EffVisionError(f"model.init_from not found: {init}")
