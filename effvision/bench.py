@@ -38,7 +38,9 @@ def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
     if path.is_dir():
         if (path / SPEC_FILE).is_file():
             return "model_dir", path, None
-        stages = sorted(path.glob("[0-9][0-9]-*"), reverse=True)
+        from .stages.base import stage_dirs
+
+        stages = stage_dirs(path)
         model_dir = next((d / "model" for d in stages if (d / "model" / SPEC_FILE).is_file()), None)
         onnx = next((d / "model.onnx" for d in stages if (d / "model.onnx").is_file()), None)
         if model_dir is None and onnx is None:
@@ -86,8 +88,8 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
               channels_last: bool = False, threads: int | None = None) -> dict[str, Any]:
     if backend not in BACKENDS:
         raise EffVisionError(f"unknown backend '{backend}' (available: {', '.join(BACKENDS)})")
-    if batch_size <= 0:
-        raise EffVisionError("batch size must be positive")
+    if batch_size <= 0 or iters <= 0 or warmup < 0:
+        raise EffVisionError("batch size and iters must be positive, warmup non-negative")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EffVisionError("device 'cuda' requested but no CUDA GPU is available")
@@ -124,7 +126,8 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
         if dev.type == "cuda":
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if "peak_memory_mb" not in result:
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # ru_maxrss is the process's lifetime peak: later backends in one process include earlier ones.
+        result["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     med = statistics.median(times)
     qs = np.percentile(np.array(times), [50, 90])
     result.update(input_shape=[batch_size, *shape], img_per_s=batch_size / med,
@@ -157,6 +160,9 @@ def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
     dims = inp.shape[1:]
     if not all(isinstance(d, int) for d in dims):
         raise EffVisionError(f"{onnx_path}: input {inp.name} has non-static image dims {dims}")
+    if isinstance(inp.shape[0], int) and inp.shape[0] != batch_size:
+        raise EffVisionError(f"{onnx_path} has a static batch of {inp.shape[0]}; bench it with --batch-size "
+                             f"{inp.shape[0]} or export with a dynamic batch")
     shape = tuple(dims)
     x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
     times = _time(lambda: session.run(None, {inp.name: x}), warmup, iters, lambda: None)

@@ -24,7 +24,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _newest_model_dir(run_dir: Path) -> Path:
-    for d in sorted(run_dir.glob("[0-9][0-9]-*"), reverse=True):
+    from .stages.base import stage_dirs
+
+    for d in stage_dirs(run_dir):
         if (d / "model" / "model.json").is_file():
             return d / "model"
     raise EffVisionError(f"{run_dir} holds no trained model yet")

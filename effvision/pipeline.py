@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ import torch
 import yaml
 
 from .config import apply_overrides, load_yaml
-from .engine.distributed import barrier, init_distributed
+from .engine.distributed import barrier, broadcast_object, init_distributed, shutdown
 from .errors import ConfigError, EffVisionError
 from .io import atomic_write_json, atomic_write_text
 from .recipe import Recipe, parse_recipe, recipe_to_dict
 from .runinfo import run_environment
 from .stages import STAGES, SUMMARY_FILE, StageContext
+from .stages.base import stage_dirs
 from .stages.common import preflight, resolve_device
 
 __all__ = ["run_recipe", "RECIPE_FILE", "load_run_recipe"]
@@ -64,62 +66,84 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, overrides
 
     device = resolve_device(recipe.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device)
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-    if recipe.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    try:
+        if recipe.threads:
+            torch.set_num_threads(recipe.threads)
+        if recipe.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        # Rank 0 alone reads and changes the run directory; the others follow its decisions.
+        _on_main(dist, lambda: _prepare_run_dir(run_dir, resolved))
+        for index, cfg in enumerate(recipe.stages, start=1):
+            stage_cls = STAGES[cfg.type]
+            stage_dir = run_dir / f"{index:02d}-{cfg.type}"
+            action = _on_main(dist, lambda: _prepare_stage_dir(stage_dir, run_dir, stage_cls.resumable, resume))
+            if action == "skip":
+                continue
+            torch.manual_seed(recipe.seed)
+            ctx = StageContext(recipe, run_dir, stage_dir, index, device, dist, resume=action == "resume")
+            t0 = time.perf_counter()
+            summary: dict[str, Any] = {}
+            if stage_cls.distributed or dist.is_main:
+                summary = stage_cls(cfg, ctx).run()
+            barrier()
+            if dist.is_main:
+                summary = {"stage": cfg.type, **summary, "stage_time_s": time.perf_counter() - t0}
+                atomic_write_json(stage_dir / SUMMARY_FILE, summary)
+                _print_summary(stage_dir.name, summary)
+    finally:
+        shutdown()
+    return run_dir
 
+
+def _on_main(dist, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 and give its result, or its user error, to every rank."""
+    result: tuple[str, Any] = ("ok", None)
+    if dist.is_main:
+        try:
+            result = ("ok", fn())
+        except EffVisionError as e:
+            result = ("error", str(e))
+    result = broadcast_object(result)
+    if result[0] == "error":
+        raise EffVisionError(result[1])
+    return result[1]
+
+
+def _prepare_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
     recipe_file = run_dir / RECIPE_FILE
-    started = any(d.is_dir() and any(d.iterdir()) for d in run_dir.glob("[0-9][0-9]-*"))
+    started = any(any(d.iterdir()) for d in stage_dirs(run_dir))
     if recipe_file.is_file() and not started:
         # A run that failed before any stage produced output holds nothing to protect:
         # the corrected recipe takes its place.
-        if dist.is_main:
-            atomic_write_text(recipe_file, yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(recipe_file, yaml.safe_dump(resolved, sort_keys=False))
     elif recipe_file.is_file():
-        previous = yaml.safe_load(recipe_file.read_text())
-        diff = _first_difference(previous, resolved)
+        diff = _first_difference(yaml.safe_load(recipe_file.read_text()), resolved)
         if diff:
             raise ConfigError(f"{run_dir} holds a run of a different recipe (differs at {diff}); "
                               f"choose another --out (nothing was overwritten)")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise EffVisionError(f"{run_dir} exists and is not an effvision run directory; choose another --out")
-    elif dist.is_main:
+    else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(recipe_file, yaml.safe_dump(resolved, sort_keys=False))
         atomic_write_json(run_dir / "environment.json", run_environment())
-    barrier()
 
-    for index, cfg in enumerate(recipe.stages, start=1):
-        stage_cls = STAGES[cfg.type]
-        stage_dir = run_dir / f"{index:02d}-{cfg.type}"
-        if (stage_dir / SUMMARY_FILE).is_file():
-            if dist.is_main:
-                print(f"[{stage_dir.name}] finished earlier, skipping")
-            continue
-        interrupted = stage_dir.is_dir() and any(stage_dir.iterdir())
-        if interrupted and not resume:
-            raise EffVisionError(f"stage {stage_dir.name} in {run_dir} was interrupted; rerun with --resume "
-                                 f"to continue it")
-        if interrupted and not stage_cls.resumable and dist.is_main:
-            stage_dir.rename(stage_dir.with_name(f"{stage_dir.name}.incomplete-{int(time.time())}"))
-        if dist.is_main:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            print(f"[{stage_dir.name}] {'resuming' if interrupted else 'running'}")
-        barrier()
-        torch.manual_seed(recipe.seed)
-        ctx = StageContext(recipe, run_dir, stage_dir, index, device, dist, resume=resume and interrupted)
-        t0 = time.perf_counter()
-        summary: dict[str, Any] = {}
-        if stage_cls.distributed or dist.is_main:
-            summary = stage_cls(cfg, ctx).run()
-        barrier()
-        if dist.is_main:
-            summary = {"stage": cfg.type, **summary, "stage_time_s": time.perf_counter() - t0}
-            atomic_write_json(stage_dir / SUMMARY_FILE, summary)
-            _print_summary(stage_dir.name, summary)
-    return run_dir
+
+def _prepare_stage_dir(stage_dir: Path, run_dir: Path, resumable: bool, resume: bool) -> str:
+    """'skip' (finished), 'run' (fresh) or 'resume' (continue an interrupted stage)."""
+    if (stage_dir / SUMMARY_FILE).is_file():
+        print(f"[{stage_dir.name}] finished earlier, skipping")
+        return "skip"
+    interrupted = stage_dir.is_dir() and any(stage_dir.iterdir())
+    if interrupted and not resume:
+        raise EffVisionError(f"stage {stage_dir.name} in {run_dir} was interrupted; rerun with --resume to continue it")
+    if interrupted and not resumable:
+        # Start over, keeping the partial output beside it (nothing on disk is lost).
+        stage_dir.rename(stage_dir.with_name(f"{stage_dir.name}.incomplete-{int(time.time())}"))
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[{stage_dir.name}] {'resuming' if interrupted and resumable else 'running'}")
+    return "resume" if interrupted and resumable else "run"
 
 
 def _print_summary(name: str, summary: dict[str, Any]) -> None:

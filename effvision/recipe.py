@@ -32,6 +32,10 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[Any] = field(default_factory=list)  # stage configs, parsed by their registered type
 
+    def validate(self, where: str) -> None:
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError("threads must be positive (or left out)")
+
 
 def parse_recipe(data: dict[str, Any]) -> Recipe:
     from .stages import STAGES

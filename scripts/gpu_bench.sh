@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces effvision's GPU figures on one GPU in at most ~8 minutes, data decode and
-# compiles included: results/*.json and results/gpu_bench.md.
+# compiles included: results/<timestamp>/*.json and gpu_bench.md (or --out DIR).
 #
 # Runs on a machine's own python3 (torch, timm, onnxruntime installed) with this checkout on
 # PYTHONPATH; nothing is installed. Data: one packed archive of CIFAR-10's ImageFolder,

@@ -567,3 +567,18 @@ def test_fixing_a_bad_model_name_and_rerunning_works(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err
     assert (tmp_path / "run" / "01-train" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("stages.train.grad_clip=.nan", "finite number"),
+    ("stages.train.scheduler.warmup_lr=.inf", "finite number"),
+    ("data.limit_train=-64", "limit_train must be positive"),
+    ("data.img_size=0", "img_size must be positive"),
+    ("threads=-1", "threads must be positive"),
+    ("stages.train.scheduler.name=multistep", "is not one of"),
+    ("stages.bench.iters=0", "iters must be positive"),
+    ("stages.bench.device=gpu", "is not one of"),
+])
+def test_values_that_would_fail_late_are_rejected_up_front(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml", [override])

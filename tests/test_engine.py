@@ -137,3 +137,47 @@ def test_compiled_training_matches_eager(tmp_path: Path) -> None:
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo really captured a graph (no silent eager)
     for k, v in eager.model.state_dict().items():
         torch.testing.assert_close(compiled.model.state_dict()[k], v, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_from_final_checkpoint_still_reports_accuracy_and_total_time(tmp_path: Path) -> None:
+    trainer, first = _fit(tmp_path, TrainConfig(epochs=1, eval_every=0))
+    again = Trainer(_model(), TrainConfig(epochs=1, eval_every=0), _digits(), device=CPU, out_dir=tmp_path,
+                    num_classes=10, progress=False).fit(resume=True)
+    assert again.metrics["top1"] == pytest.approx(first.metrics["top1"])
+    assert again.metrics["train_time_s"] == pytest.approx(first.metrics["train_time_s"])
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path: Path) -> None:
+    from effvision.engine import TrainPosition
+    from effvision.errors import TrainingDiverged
+
+    trainer, _ = _fit(tmp_path, TrainConfig(epochs=1, eval_every=0))
+    good = trainer.checkpointer.latest()
+    with torch.no_grad():
+        trainer.model.head.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="weights are not finite"):
+        trainer._save(TrainPosition(1, 0, 99))
+    assert trainer.checkpointer.latest() == good and not (tmp_path / "checkpoints" / "step-00000099").exists()
+
+
+def test_checkpoint_found_without_latest_pointer(tmp_path: Path) -> None:
+    trainer, _ = _fit(tmp_path, TrainConfig(epochs=1, eval_every=0))
+    newest = trainer.checkpointer.latest()
+    (tmp_path / "checkpoints" / "latest").unlink()  # e.g. killed between the rename and the pointer
+    assert trainer.checkpointer.latest() == newest
+
+
+def test_onecycle_keeps_the_recipes_betas(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, eval_every=0, scheduler=SchedulerConfig(name="onecycle", warmup_epochs=0.5),
+                      optimizer=OptimizerConfig(lr=1e-3, betas=[0.8, 0.95]))
+    trainer, _ = _fit(tmp_path, cfg)
+    assert tuple(trainer.optimizer.param_groups[0]["betas"]) == (0.8, 0.95)
+
+
+def test_stage_dirs_ignore_incomplete_attempts(tmp_path: Path) -> None:
+    from effvision.stages.base import stage_dirs
+
+    for name in ("01-train", "02-export", "02-export.incomplete-1700000000", "notes"):
+        (tmp_path / name).mkdir()
+    assert [d.name for d in stage_dirs(tmp_path)] == ["02-export", "01-train"]
+    assert [d.name for d in stage_dirs(tmp_path, before=2)] == ["01-train"]

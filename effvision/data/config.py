@@ -48,3 +48,8 @@ class DataConfig:
             raise ConfigError(f"{where}.root: dataset '{self.name}' needs a root folder or archive")
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ConfigError(f"{where}: batch sizes must be positive")
+        if self.img_size <= 0:
+            raise ConfigError(f"{where}.img_size must be positive")
+        for key in ("limit_train", "limit_eval"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key} must be positive (or left out)")

@@ -54,7 +54,7 @@ class FolderLoader:
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
-        self.device, self.channels_last, self.seed = torch.device(device), channels_last, seed
+        self.device, self.channels_last, self.seed, self.rank = torch.device(device), channels_last, seed, rank
         self.sampler = OrderSampler(len(dataset), batch_size, train, seed, rank, world_size if train else 1)
         self.num_workers = num_workers
         self.per_rank = batch_size // world_size if train else batch_size
@@ -71,7 +71,7 @@ class FolderLoader:
         self.sampler.epoch, self.sampler.start_step = epoch, start_step
         loader = DataLoader(self.dataset, batch_size=self.per_rank, sampler=self.sampler,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(step_seed(self.seed, epoch, start_step)),
+                            generator=torch.Generator().manual_seed(step_seed(self.seed, epoch, start_step, self.rank)),
                             persistent_workers=False, drop_last=False)
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)

@@ -43,11 +43,15 @@ class Checkpointer:
         self.keep = keep
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint: the one ``latest`` names, else (a kill between the
+        rename and the pointer update, or a lost pointer) the highest complete step-* folder."""
         pointer = self.dir / _LATEST
-        if not pointer.is_file():
-            return None
-        path = self.dir / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        if pointer.is_file():
+            path = self.dir / pointer.read_text().strip()
+            if (path / _STATE).is_file():
+                return path
+        complete = sorted(p for p in self.dir.glob("step-*") if (p / _STATE).is_file() and (p / _WEIGHTS).is_file())
+        return complete[-1] if complete else None
 
     def save(self, model: nn.Module, ema: nn.Module | None, state: dict[str, Any], pos: TrainPosition) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)

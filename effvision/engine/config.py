@@ -12,11 +12,11 @@ __all__ = ["SchedulerConfig", "TrainConfig"]
 
 @dataclass
 class SchedulerConfig:
-    name: Literal["cosine", "onecycle", "step", "multistep", "poly", "tanh", "constant"] = "cosine"
+    name: Literal["cosine", "onecycle", "step", "poly", "tanh", "constant"] = "cosine"
     warmup_epochs: float = 0.0     # linear warm-up (timm schedulers; onecycle: its rise phase)
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
-    decay_epochs: float = 30.0     # step / multistep only
+    decay_epochs: float = 30.0     # step only
     decay_rate: float = 0.1
 
 
@@ -45,5 +45,10 @@ class TrainConfig:
             raise ConfigError(f"{where}.label_smoothing must be in [0, 1)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"{where}.ema_decay must be in (0, 1)")
+        warm = self.scheduler.warmup_epochs
+        if warm < 0 or warm > self.epochs or (self.scheduler.name == "onecycle" and warm >= self.epochs):
+            raise ConfigError(f"{where}.scheduler.warmup_epochs must be within [0, epochs] (below epochs for onecycle)")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"{where}.grad_clip must be positive")
         if self.log_every <= 0 or self.checkpoint_every < 0 or self.eval_every < 0:
             raise ConfigError(f"{where}: log_every must be positive; checkpoint_every, eval_every non-negative")

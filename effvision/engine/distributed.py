@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_mean"]
+__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_mean", "broadcast_object", "shutdown"]
 
 
 @dataclass
@@ -35,13 +37,29 @@ def init_distributed(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend)
+        # Non-distributed stages (export, bench) and evaluation run on rank 0 while the others
+        # wait in a barrier: allow them far longer than NCCL's 10-minute default.
+        dist.init_process_group(backend, timeout=timedelta(hours=2))
     return info
 
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (the object itself for one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

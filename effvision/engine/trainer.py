@@ -7,6 +7,7 @@ step), so a resumed CPU run ends bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -28,10 +29,10 @@ from ..data.build import Loaders
 from ..data.config import AugmentConfig
 from ..data.tensor_loader import step_seed
 from ..errors import EffVisionError, TrainingDiverged
-from ..io import append_jsonl
+from ..io import append_jsonl, atomic_write_text
 from .checkpoint import Checkpointer, TrainPosition
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_mean, barrier
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object
 from .evaluate import autocast, evaluate
 from .hooks import Hooks
 from .optim import create_optimizer
@@ -89,6 +90,7 @@ class Trainer:
             self.train_module = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.compile:
             self.train_module = torch.compile(self.train_module)
+        self.train_time, self.images_seen = 0.0, 0  # completed epochs, carried across resumes
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints")
         self.metrics_path = self.out_dir / "metrics.jsonl"
         if self.dist.is_main:
@@ -97,9 +99,13 @@ class Trainer:
     def _create_scheduler(self) -> Any:
         s = self.cfg.scheduler
         if s.name == "onecycle":
-            pct = max(s.warmup_epochs / self.cfg.epochs, 1e-3)
-            return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.cfg.optimizer.lr,
-                                                       total_steps=self.total_steps + 1, pct_start=pct)
+            # Rise from warmup_lr to lr, anneal to min_lr; momentum/betas stay the recipe's own.
+            lr = self.cfg.optimizer.lr
+            start = min(max(s.warmup_lr, 1e-12), lr)
+            return torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=lr, total_steps=self.total_steps + 1,
+                pct_start=max(s.warmup_epochs / self.cfg.epochs, 1e-3), cycle_momentum=False,
+                div_factor=lr / start, final_div_factor=start / max(s.min_lr, start * 1e-4))
         if s.name == "constant":
             return None
         sched, _ = create_scheduler_v2(self.optimizer, sched=s.name, num_epochs=self.cfg.epochs,
@@ -110,7 +116,8 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                                 "progress": {"train_time_s": self.train_time, "images_seen": self.images_seen}}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
@@ -120,6 +127,10 @@ class Trainer:
         return state
 
     def _save(self, pos: TrainPosition) -> None:
+        # A finite loss can still leave non-finite weights (an inf gradient): never save those.
+        if not bool(torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()):
+            raise TrainingDiverged(f"weights are not finite after update {pos.global_step}; the last good checkpoint "
+                                   f"is kept in {self.checkpointer.dir} (lower the learning rate)")
         if self.dist.is_main:
             self.checkpointer.save(self.model, self.ema.module if self.ema else None, self._state(), pos)
         barrier()
@@ -137,7 +148,21 @@ class Trainer:
         torch.set_rng_state(state["rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        progress = state.get("progress", {})
+        self.train_time = float(progress.get("train_time_s", 0.0))
+        self.images_seen = int(progress.get("images_seen", 0))
+        if self.dist.is_main:
+            self._truncate_metrics(pos)
         return pos
+
+    def _truncate_metrics(self, pos: TrainPosition) -> None:
+        """Drop metrics.jsonl records written after the checkpoint: they are about to be redone."""
+        if not self.metrics_path.is_file():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if (r := json.loads(line)).get("global_step", -1) <= pos.global_step
+                and (not r.get("eval") or r["epoch"] < pos.epoch)]
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
@@ -149,7 +174,6 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=pos.global_step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0)
         metrics: dict[str, Any] = {}
-        train_time, images_seen = 0.0, 0
         try:
             for epoch in range(pos.epoch, self.cfg.epochs):
                 start_step = pos.step if epoch == pos.epoch else 0
@@ -158,8 +182,8 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 epoch_time = time.perf_counter() - t0
-                train_time += epoch_time
-                images_seen += (self.steps_per_epoch - start_step) * self.loaders.train.batch_size
+                self.train_time += epoch_time
+                self.images_seen += (self.steps_per_epoch - start_step) * self.loaders.train.batch_size
                 pos = TrainPosition(epoch + 1, 0, pos.global_step)
                 last = epoch + 1 == self.cfg.epochs
                 if last or (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0):
@@ -173,10 +197,13 @@ class Trainer:
                 self._save(pos)
         finally:
             bar.close()  # before any error message, so the message gets its own line
-        metrics["train_time_s"] = train_time
-        metrics["train_img_per_s"] = images_seen / train_time if train_time else 0.0
+        if not metrics:  # resumed from the final checkpoint: nothing left to train, still evaluate
+            metrics = {**self._evaluate(), "epoch": self.cfg.epochs - 1}
+        # Across resumes: the time and images of every attempt's completed epochs.
+        metrics["train_time_s"] = self.train_time
+        metrics["train_img_per_s"] = self.images_seen / self.train_time if self.train_time else 0.0
         final = self.ema.module if self.ema is not None else self.model
-        return TrainResult(final, metrics, train_time)
+        return TrainResult(final, metrics, self.train_time)
 
     def _train_epoch(self, epoch: int, start_step: int, pos: TrainPosition, bar: tqdm) -> TrainPosition:
         """Steps ``start_step``.. of one epoch, logging every ``log_every`` steps; returns the position."""
@@ -249,9 +276,9 @@ class Trainer:
         return loss
 
     def _evaluate(self) -> dict[str, Any]:
+        """Rank 0 evaluates; every rank gets the metrics (hooks on all ranks may read them)."""
         out: dict[str, Any] = {}
         if self.dist.is_main:
             model = self.ema.module if self.ema is not None else self.model
             out = evaluate(model, self.loaders.eval, self.device, self.amp, self.cfg.eval_tta_flip)
-        barrier()
-        return out
+        return broadcast_object(out)

@@ -6,6 +6,7 @@ spec + safetensors, and later stages read the newest earlier one.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,11 +16,18 @@ import torch
 from ..engine.distributed import DistInfo
 from ..errors import EffVisionError
 
-__all__ = ["Stage", "StageContext", "STAGES", "register_stage", "SUMMARY_FILE", "MODEL_DIR"]
+__all__ = ["Stage", "StageContext", "STAGES", "register_stage", "stage_dirs", "SUMMARY_FILE", "MODEL_DIR"]
 
 SUMMARY_FILE = "summary.json"
 MODEL_DIR = "model"
 STAGES: dict[str, type["Stage"]] = {}
+_STAGE_DIR = re.compile(r"^\d\d-[a-z_]+$")  # NN-<type>; not NN-<type>.incomplete-<time>
+
+
+def stage_dirs(run_dir: Path, before: int | None = None) -> list[Path]:
+    """A run's stage directories, newest first (optionally only those before index ``before``)."""
+    dirs = [d for d in Path(run_dir).iterdir() if d.is_dir() and _STAGE_DIR.match(d.name)] if Path(run_dir).is_dir() else []
+    return sorted((d for d in dirs if before is None or int(d.name[:2]) < before), reverse=True)
 
 
 @dataclass
@@ -34,8 +42,8 @@ class StageContext:
 
     def previous_model_dir(self, required: bool = True) -> Path | None:
         """The model directory of the newest earlier stage that produced one."""
-        for d in sorted(self.run_dir.glob("[0-9][0-9]-*"), reverse=True):
-            if int(d.name[:2]) < self.index and (d / MODEL_DIR / "model.json").is_file():
+        for d in stage_dirs(self.run_dir, before=self.index):
+            if (d / MODEL_DIR / "model.json").is_file():
                 return d / MODEL_DIR
         if not required:
             return None
@@ -44,8 +52,8 @@ class StageContext:
 
     def previous_stage_file(self, name: str) -> Path | None:
         """The newest earlier stage's file ``name`` (e.g. the export stage's model.onnx)."""
-        for d in sorted(self.run_dir.glob("[0-9][0-9]-*"), reverse=True):
-            if int(d.name[:2]) < self.index and (d / name).is_file():
+        for d in stage_dirs(self.run_dir, before=self.index):
+            if (d / name).is_file():
                 return d / name
         return None
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..bench import BACKENDS, benchmark
 from ..errors import ConfigError
@@ -16,7 +16,7 @@ __all__ = ["BenchConfig", "BenchStage", "plot_throughput"]
 class BenchConfig:
     type: str = "bench"
     backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
-    device: str = "cpu"
+    device: Literal["cpu", "cuda"] = "cpu"
     batch_size: int = 32
     warmup: int = 10
     iters: int = 50
@@ -26,6 +26,8 @@ class BenchConfig:
         bad = [b for b in self.backends if b not in BACKENDS]
         if bad:
             raise ConfigError(f"{where}.backends: unknown {bad} (available: {', '.join(BACKENDS)})")
+        if self.batch_size <= 0 or self.iters <= 0 or self.warmup < 0:
+            raise ConfigError(f"{where}: batch_size and iters must be positive, warmup non-negative")
 
 
 @register_stage
