@@ -91,7 +91,7 @@ def test_benchmark_bad_inputs(model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EffVisionError, match="holds no model"):
         benchmark(str(tmp_path / "empty"), "torch", warmup=WARMUP, iters=ITERS)
-    with pytest.raises(EffVisionError, match="batch size must be positive"):
+    with pytest.raises(EffVisionError, match="batch size and iters must be positive"):
         benchmark(str(model_dir), "torch", batch_size=0)
     if not torch.cuda.is_available():
         with pytest.raises(EffVisionError, match="no CUDA GPU"):

@@ -30,7 +30,8 @@ def test_cifar10_reference_recipe_runs_on_a_cpu_slice(tmp_path: Path) -> None:
     r = cli("run", str(REPO / "recipes" / "cifar10_vit_tiny.yaml"), "--out", str(run),
             "--set", f"data.root={SHARED / 'datasets' / 'cifar10'}", "--set", "device=cpu",
             "--set", "data.limit_train=512", "--set", "data.limit_eval=200", "--set", "data.eval_batch_size=200",
-            "--set", "stages.train.epochs=1", "--set", "stages.train.compile=false",
+            "--set", "stages.train.epochs=1", "--set", "stages.train.scheduler.warmup_epochs=0.5",
+            "--set", "stages.train.compile=false",
             "--set", "stages.train.channels_last=false", "--set", "stages.train.optimizer.kwargs.fused=false",
             env={"HOME": str(tmp_path)})  # the decode cache lands in tmp_path/.cache
     assert r.returncode == 0, r.stderr[-3000:]
