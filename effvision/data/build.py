@@ -5,10 +5,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torchvision.datasets import ImageFolder
 
 from ..errors import EffVisionError
 from .config import DataConfig
-from .folder_loader import FolderLoader, image_folder
+from .folder_loader import FolderLoader
 from .sources import ImageArrays, decode_archive, decode_imagefolder, digits, torchvision_cifar10
 from .tensor_loader import TensorLoader
 
@@ -87,7 +88,7 @@ def build_loaders(cfg: DataConfig, *, mean: tuple[float, ...], std: tuple[float,
                                hflip=0.5 if aug.hflip else 0.0, re_prob=aug.random_erasing, mean=mean, std=std)
     t_eval = create_transform(cfg.img_size, is_training=False, mean=mean, std=std,
                               crop_pct=1.0 if cfg.img_size <= 64 else None)
-    ds_train, ds_eval = image_folder(str(root / cfg.train_split), t_train), image_folder(str(root / cfg.eval_split), t_eval)
+    ds_train, ds_eval = ImageFolder(str(root / cfg.train_split), t_train), ImageFolder(str(root / cfg.eval_split), t_eval)
     common = dict(num_workers=cfg.num_workers, seed=seed, device=device, channels_last=channels_last)
     return Loaders(
         FolderLoader(ds_train, cfg.batch_size, train=True, rank=rank, world_size=world_size, **common),

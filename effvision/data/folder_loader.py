@@ -9,11 +9,9 @@ not bit-identical across a resume, unlike the tensor path.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets import ImageFolder
 
 from .tensor_loader import step_seed
 
@@ -79,6 +77,3 @@ class FolderLoader:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)
 
-
-def image_folder(root: str, transform: Any) -> ImageFolder:
-    return ImageFolder(root, transform=transform)
