@@ -36,8 +36,10 @@ class OnnxExportConfig:
     atol: float = 1e-4   # fp32 max abs error allowed between PyTorch and onnxruntime
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig) -> Path:
-    """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked."""
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig,
+                output_names: list[str] | None = None) -> Path:
+    """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked.
+    A model with several outputs (a tuple) names each in ``output_names``."""
     if not MIN_OPSET <= cfg.opset <= MAX_OPSET:
         raise EffVisionError(f"opset {cfg.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
     path = Path(path)
@@ -50,7 +52,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=cfg.opset,
-                                        input_names=["input"], output_names=["logits"],
+                                        input_names=["input"], output_names=output_names or ["logits"],
                                         dynamic_shapes=dynamic, external_data=False, verbose=False)
         except Exception as e:  # the exporter raises many types; the user needs the first line
             root = e.__cause__ or e
@@ -76,11 +78,14 @@ def check_parity(model: nn.Module, onnx_path: str | Path, input_shape: tuple[int
     for b in batch_sizes:
         x = torch.randn(b, *input_shape, generator=g)
         with torch.no_grad():
-            ref = model(x).numpy()
-        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-        if out.shape != ref.shape:
-            raise ParityError(f"onnxruntime output shape {out.shape} != PyTorch {ref.shape} at batch {b}")
-        errors[b] = float(np.abs(out - ref).max())
+            refs = model(x)
+        refs = refs if isinstance(refs, (tuple, list)) else (refs,)  # several outputs: compare each
+        outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        errors[b] = 0.0
+        for ref, out in zip((r.numpy() for r in refs), outs):
+            if out.shape != ref.shape:
+                raise ParityError(f"onnxruntime output shape {out.shape} != PyTorch {ref.shape} at batch {b}")
+            errors[b] = max(errors[b], float(np.abs(out - ref).max()))
     worst = max(errors.values())
     if not worst <= atol:
         raise ParityError(f"ONNX parity failed: max abs error {worst:.3g} > {atol:g} (per batch size: {errors})")

@@ -3,3 +3,4 @@ from .base import MODEL_DIR, STAGES, SUMMARY_FILE, Stage, StageContext, register
 from . import bench, evaluate, export, train  # noqa: F401,E402  (registration)
 
 __all__ = ["MODEL_DIR", "STAGES", "SUMMARY_FILE", "Stage", "StageContext", "register_stage"]
+from . import detection  # noqa: F401,E402  (train_detection, eval_detection, export_detection)

@@ -1,0 +1,99 @@
+"""Backbone + neck of a detector to ONNX at one fixed size, parity-checked in onnxruntime;
+the rest (anchors, RPN/heads, box decoding, NMS) stays in PyTorch.
+
+``OnnxBackbone`` puts the exported part back into the torchvision detector, so the split a
+TensorRT deployment uses (engine for the dense part, torchvision for post-processing) runs
+and is tested here with onnxruntime.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import EffVisionError
+from .io import DetectorSpec, load_detector
+
+__all__ = ["export_backbone", "OnnxBackbone", "BACKBONE_ONNX"]
+
+BACKBONE_ONNX = "backbone.onnx"
+
+
+class _Maps(nn.Module):
+    """The backbone with a tuple output (ONNX graphs return tensors, not dicts)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.body(x).values())
+
+
+def default_export_size(spec: DetectorSpec, divisor: int) -> tuple[int, int]:
+    if spec.fixed_size:
+        return tuple(spec.fixed_size)  # type: ignore[return-value]
+    side = math.ceil(spec.min_size / math.lcm(32, divisor)) * math.lcm(32, divisor)
+    return side, side
+
+
+def export_backbone(detector_dir: str | Path, out_dir: str | Path, size: tuple[int, int] | None = None,
+                    opset: int = 18, atol: float = 1e-3) -> dict[str, Any]:
+    """detector dir -> out_dir/{backbone.onnx, manifest.json}; refuses to overwrite."""
+    from effvision.export import OnnxExportConfig, check_parity, export_onnx, write_manifest
+
+    out_dir = Path(out_dir)
+    if (out_dir / BACKBONE_ONNX).exists():
+        raise EffVisionError(f"{out_dir / BACKBONE_ONNX} exists already; choose another folder (nothing was overwritten)")
+    detector, spec = load_detector(detector_dir)
+    body = detector.backbone
+    h, w = size or default_export_size(spec, body.divisor)
+    if h % body.divisor or w % body.divisor or (body.fixed_size and (h, w) != body.fixed_size):
+        raise EffVisionError(f"export size {h}x{w} does not fit backbone {body.spec.name} "
+                             f"(multiples of {body.divisor}{', only ' + str(body.fixed_size) if body.fixed_size else ''})")
+    cfg = OnnxExportConfig(opset=opset, dynamic_batch=False, parity_batch_sizes=[1], atol=atol)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = _Maps(body).eval()
+    path = export_onnx(model, out_dir / BACKBONE_ONNX, (3, h, w), cfg, output_names=body.names)
+    try:
+        parity = check_parity(model, path, (3, h, w), [1], atol)
+    except EffVisionError:
+        path.replace(path.with_suffix(".onnx.failed-parity"))  # kept for inspection, never as backbone.onnx
+        raise
+    with torch.no_grad():
+        shapes = [list(m.shape) for m in model(torch.zeros(1, 3, h, w))]
+    info = {
+        "format": "onnx", "opset": opset, "part": "backbone+neck", "detector": spec.kind,
+        "backbone": spec.backbone["name"], "source": str(detector_dir),
+        "input": {"name": "input", "shape": [1, 3, h, w], "dtype": "float32", "layout": "NCHW",
+                  "preprocessing": "the detector's transform: resize to this size, (x/255 - mean) / std",
+                  "mean": list(body.spec.mean), "std": list(body.spec.std)},
+        "outputs": [{"name": n, "shape": s, "stride": st} for n, s, st in zip(body.names, shapes, body.strides)],
+        "parity": parity,
+    }
+    write_manifest(out_dir, [BACKBONE_ONNX], info)
+    return {"onnx": str(path), "size": [h, w], "parity": parity}
+
+
+class OnnxBackbone(nn.Module):
+    """An exported backbone.onnx as a torchvision backbone (onnxruntime, CPU).
+
+    ``detector.backbone = OnnxBackbone(path, detector.backbone.out_channels)``; the detector's
+    transform must then produce exactly the exported size (build it with that fixed_size).
+    """
+
+    def __init__(self, path: str | Path, out_channels: int) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:  # x: (1, 3, H, W)
+        outs = self.session.run(None, {self.session.get_inputs()[0].name: x.detach().float().cpu().numpy()})
+        return OrderedDict((n, torch.from_numpy(o).to(x.device)) for n, o in zip(self.names, outs))
