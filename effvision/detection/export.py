@@ -55,21 +55,22 @@ def export_backbone(detector_dir: str | Path, out_dir: str | Path, size: tuple[i
     if h % body.divisor or w % body.divisor or (body.fixed_size and (h, w) != body.fixed_size):
         raise EffVisionError(f"export size {h}x{w} does not fit backbone {body.spec.name} "
                              f"(multiples of {body.divisor}{', only ' + str(body.fixed_size) if body.fixed_size else ''})")
-    cfg = OnnxExportConfig(opset=opset, dynamic_batch=False, parity_batch_sizes=[1], atol=atol)
+    # Fixed H, W; a dynamic batch axis, since the detector batches its images in one tensor.
+    cfg = OnnxExportConfig(opset=opset, dynamic_batch=True, parity_batch_sizes=[1, 2], atol=atol)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = _Maps(body).eval()
     path = export_onnx(model, out_dir / BACKBONE_ONNX, (3, h, w), cfg, output_names=body.names)
     try:
-        parity = check_parity(model, path, (3, h, w), [1], atol)
+        parity = check_parity(model, path, (3, h, w), cfg.parity_batch_sizes, atol)
     except EffVisionError:
         path.replace(path.with_suffix(".onnx.failed-parity"))  # kept for inspection, never as backbone.onnx
         raise
     with torch.no_grad():
-        shapes = [list(m.shape) for m in model(torch.zeros(1, 3, h, w))]
+        shapes = [["batch", *m.shape[1:]] for m in model(torch.zeros(1, 3, h, w))]
     info = {
         "format": "onnx", "opset": opset, "part": "backbone+neck", "detector": spec.kind,
         "backbone": spec.backbone["name"], "source": str(detector_dir),
-        "input": {"name": "input", "shape": [1, 3, h, w], "dtype": "float32", "layout": "NCHW",
+        "input": {"name": "input", "shape": ["batch", 3, h, w], "dtype": "float32", "layout": "NCHW",
                   "preprocessing": "the detector's transform: resize to this size, (x/255 - mean) / std",
                   "mean": list(body.spec.mean), "std": list(body.spec.std)},
         "outputs": [{"name": n, "shape": s, "stride": st} for n, s, st in zip(body.names, shapes, body.strides)],
@@ -94,6 +95,6 @@ class OnnxBackbone(nn.Module):
         self.names = [o.name for o in self.session.get_outputs()]
         self.out_channels = out_channels
 
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:  # x: (1, 3, H, W)
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:  # x: (B, 3, H, W)
         outs = self.session.run(None, {self.session.get_inputs()[0].name: x.detach().float().cpu().numpy()})
         return OrderedDict((n, torch.from_numpy(o).to(x.device)) for n, o in zip(self.names, outs))

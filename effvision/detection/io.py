@@ -33,6 +33,7 @@ class DetectorSpec:
     min_size: int = 512
     max_size: int = 853
     fixed_size: list[int] | None = None      # (H, W)
+    options: dict[str, Any] = field(default_factory=dict)  # build_detector extras (representation_size, ...)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -44,7 +45,7 @@ def build_from_spec(spec: DetectorSpec, trunk: nn.Module | None = None) -> nn.Mo
     body = make_backbone(trunk if trunk is not None else create_model(trunk_spec), spec=trunk_spec,
                          out_channels=spec.out_channels)
     return build_detector(spec.kind, body, spec.num_classes, min_size=spec.min_size, max_size=spec.max_size,
-                          fixed_size=tuple(spec.fixed_size) if spec.fixed_size else None)
+                          fixed_size=tuple(spec.fixed_size) if spec.fixed_size else None, **spec.options)
 
 
 def save_detector(model: nn.Module, spec: DetectorSpec, directory: str | Path) -> Path:

@@ -17,7 +17,7 @@ from ..errors import EffVisionError
 from ..models.io import SPEC_FILE, ModelSpec, create_model, load_model
 from ..stages.base import MODEL_DIR, stage_dirs
 
-__all__ = ["resolve_model_dir", "load_trunk"]
+__all__ = ["check_source", "resolve_model_dir", "load_trunk"]
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -31,22 +31,32 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise EffVisionError(f"{path} holds no model: neither {SPEC_FILE} nor a run stage with {MODEL_DIR}/{SPEC_FILE}")
 
 
-def load_trunk(source: str | Path, kwargs: dict[str, Any] | None = None,
-               pretrained: bool = False) -> tuple[nn.Module, ModelSpec]:
-    """(model, spec) for a name, model directory or run directory. Names get no classifier."""
-    if Path(source).exists():
-        if kwargs or pretrained:
-            raise EffVisionError(f"backbone kwargs/pretrained apply to model names, not to the saved model {source}")
-        return load_model(resolve_model_dir(source))
+def check_source(source: str | Path) -> None:
+    """Raise the clear error for a source that is neither a model/run dir nor a model name."""
     import effvision.models.small_vit  # noqa: F401  (effvision's names in timm's registry)
 
+    if Path(source).exists():
+        resolve_model_dir(source)
+        return
     name = str(source)
     if not timm.is_model(name):
         if "/" in name or name.startswith("."):
             raise EffVisionError(f"backbone not found: {name} (no such directory, and not a timm model name)")
-    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
-    size = (getattr(cfg, "input_size", None) or (3, 224, 224))[-1] if cfg else 224
+        create_model(ModelSpec(name=name))  # raises the unknown-name error with suggestions
+
+
+def load_trunk(source: str | Path, kwargs: dict[str, Any] | None = None,
+               pretrained: bool = False) -> tuple[nn.Module, ModelSpec]:
+    """(model, spec) for a name, model directory or run directory. Names get no classifier."""
+    check_source(source)
+    if Path(source).exists():
+        if kwargs or pretrained:
+            raise EffVisionError(f"backbone kwargs/pretrained apply to model names, not to the saved model {source}")
+        return load_model(resolve_model_dir(source))
+    name = str(source)
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = (getattr(cfg, "input_size", None) or (3, 224, 224))[-1]
     spec = ModelSpec(name=name, kwargs=dict(kwargs or {}), num_classes=0, img_size=int(size),
                      mean=tuple(getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)),
                      std=tuple(getattr(cfg, "std", None) or (0.229, 0.224, 0.225)))
-    return create_model(spec, pretrained=pretrained), spec  # create_model: the clear unknown-name error
+    return create_model(spec, pretrained=pretrained), spec

@@ -76,3 +76,9 @@ def preflight(recipe) -> None:
         raise EffVisionError(f"dataset not found: {data.root} (data.root of '{data.name}')")
     if recipe.model.init_from and not Path(recipe.model.init_from).exists():
         raise EffVisionError(f"model.init_from not found: {recipe.model.init_from}")
+    from . import STAGES
+
+    for cfg in recipe.stages:  # a stage's own input checks (data files, sources), if it has them
+        check = getattr(STAGES[cfg.type], "preflight", None)
+        if check is not None:
+            check(cfg, recipe)

@@ -24,6 +24,7 @@ class TrainDetectionConfig:
     detector: Literal["fasterrcnn", "retinanet", "fcos"] = "fasterrcnn"
     backbone: str | None = None      # name, model dir or run dir; default: previous stage's model, else model.*
     out_channels: int = 256          # FPN / simple-pyramid width
+    detector_options: dict[str, Any] = field(default_factory=dict)  # build_detector extras (representation_size, ...)
     data: CocoDataConfig = field(default_factory=CocoDataConfig)
     min_size: int = 512              # torchvision's transform: shorter side resized to this...
     max_size: int = 853              # ...unless the longer side would exceed this
@@ -74,6 +75,14 @@ class TrainDetectionStage(Stage):
     type = "train_detection"
     Config = TrainDetectionConfig
 
+    @staticmethod
+    def preflight(cfg: TrainDetectionConfig, recipe) -> None:
+        from ..detection.source import check_source
+
+        check_coco(cfg.data)
+        if cfg.backbone:
+            check_source(cfg.backbone)
+
     def run(self) -> dict[str, Any]:
         from ..detection import DetectorSpec, backbone, build_detector, save_detector
         from ..detection.io import DETECTOR_DIR
@@ -91,7 +100,7 @@ class TrainDetectionStage(Stage):
         body = backbone(trunk, spec=trunk_spec, out_channels=cfg.out_channels)
         num_classes = len(report.categories) + 1
         detector = build_detector(cfg.detector, body, num_classes, min_size=cfg.min_size, max_size=cfg.max_size,
-                                  fixed_size=tuple(cfg.fixed_size) if cfg.fixed_size else None)
+                                  fixed_size=tuple(cfg.fixed_size) if cfg.fixed_size else None, **cfg.detector_options)
         samples = CocoSamples(cfg.data, clean, train=True)
         loader = detection_loader(samples, cfg.data.batch_size, shuffle=True, seed=ctx.recipe.seed,
                                   num_workers=cfg.data.num_workers)
@@ -100,7 +109,8 @@ class TrainDetectionStage(Stage):
                                 log_every=cfg.log_every, metrics_path=ctx.stage_dir / "metrics.jsonl")
         spec = DetectorSpec(kind=cfg.detector, backbone=dataclasses.asdict(trunk_spec), num_classes=num_classes,
                             categories=report.categories, out_channels=cfg.out_channels, min_size=cfg.min_size,
-                            max_size=cfg.max_size, fixed_size=list(body.fixed_size or cfg.fixed_size or []) or None)
+                            max_size=cfg.max_size, fixed_size=list(body.fixed_size or cfg.fixed_size or []) or None,
+                            options=dict(cfg.detector_options))
         save_detector(detector.cpu(), spec, ctx.stage_dir / DETECTOR_DIR)
         losses = result.pop("losses")
         k = max(1, len(losses) // 4)
@@ -121,6 +131,10 @@ class EvalDetectionConfig:
 class EvalDetectionStage(Stage):
     type = "eval_detection"
     Config = EvalDetectionConfig
+
+    @staticmethod
+    def preflight(cfg: EvalDetectionConfig, recipe) -> None:
+        check_coco(cfg.data)
 
     def run(self) -> dict[str, Any]:
         from ..detection.evaluate import evaluate_coco
