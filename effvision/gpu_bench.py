@@ -64,9 +64,64 @@ def cifar10(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _pycocotools_path() -> str | None:
+    """A folder holding pycocotools for the recipe's process: none needed if this Python has it,
+    else the wheel(s) in .data/wheels unpacked to .data/pylib (a wheel is a zip; nothing is
+    installed into the machine's Python)."""
+    import importlib.util
+    import zipfile
+
+    if importlib.util.find_spec("pycocotools") is not None:
+        return None
+    wheels = sorted(Path(".data/wheels").glob("pycocotools-*.whl"))
+    if not wheels:
+        raise RuntimeError("pycocotools is missing: put its wheel in .data/wheels (see README, Detection)")
+    target = Path(".data/pylib")
+    for wheel in wheels:
+        zipfile.ZipFile(wheel).extractall(target)
+    return str(target.resolve())
+
+
+def detection(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """recipes/detection_coco128.yaml: Faster R-CNN overfitting coco128 (target bbox mAP@0.5 > 0.5)."""
+    import os
+    import tarfile
+
+    coco = Path(args.coco)
+    if coco.suffix == ".tgz":
+        if not (Path(".data") / "coco128").is_dir():
+            with tarfile.open(coco) as tar:
+                tar.extractall(".data", filter="data")
+        coco = Path(".data") / "coco128"
+    env = dict(os.environ)
+    extra = _pycocotools_path()
+    if extra:
+        env["PYTHONPATH"] = os.pathsep.join([extra, env.get("PYTHONPATH", "")])
+    run_dir = Path(args.runs) / f"detection-{args.stamp}"
+    cmd = [sys.executable, "-m", "effvision", "run", "recipes/detection_coco128.yaml", "--out", str(run_dir),
+           "--set", f"stages.0.data.root={coco}", "--set", f"stages.1.data.root={coco}"]
+    for item in args.detection_set:
+        cmd += ["--set", item]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env)
+    wall = time.perf_counter() - t0
+    train_path, eval_path = run_dir / "01-train_detection" / "summary.json", run_dir / "02-eval_detection" / "summary.json"
+    if not (train_path.is_file() and eval_path.is_file()):
+        return [{"error": f"exit {proc.returncode}", "wall_s": wall}]
+    t, e = json.loads(train_path.read_text()), json.loads(eval_path.read_text())
+    row = {"detector": t["detector"], "backbone": t["backbone"], "steps": t["steps"],
+           "train_time_s": t["train_time_s"], "train_img_per_s": t["train_img_per_s"],
+           "loss_first": t["loss_first"], "loss_last": t["loss_last"], "bbox_mAP": e["bbox_mAP"],
+           "bbox_mAP50": e["bbox_mAP50"], "target_met": e["bbox_mAP50"] > 0.5, "wall_s": wall,
+           "exit_code": proc.returncode}
+    print(f"  detection: bbox mAP@0.5 {row['bbox_mAP50']:.3f} (target > 0.5) after {row['steps']} steps", flush=True)
+    return [row]
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "inference": inference,
     "cifar10": cifar10,
+    "detection": detection,
 }
 
 
@@ -91,6 +146,18 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> s
                 lines.append(f"| {r['variant']} | {r['model']} | {r['epochs']} | {r['train_time_s']:.1f} | "
                              f"{r['train_img_per_s']:,.0f} | {top1} |")
         lines.append("")
+    if "detection" in results:
+        lines += ["## Detection pipeline check (recipes/detection_coco128.yaml, train and eval on coco128)\n",
+                  "| detector | backbone | steps | train time (s) | img/s | loss first -> last | bbox mAP | mAP@0.5 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in results["detection"]:
+            if "error" in r:
+                lines.append(f"| failed: {r['error']} | | | | | | | |")
+            else:
+                lines.append(f"| {r['detector']} | {r['backbone']} | {r['steps']} | {r['train_time_s']:.1f} | "
+                             f"{r['train_img_per_s']:.1f} | {r['loss_first']:.2f} -> {r['loss_last']:.2f} | "
+                             f"{r['bbox_mAP']:.3f} | {r['bbox_mAP50']:.3f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -99,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=".data/cifar10.tgz", help="CIFAR-10 ImageFolder or its .tar.gz")
     p.add_argument("--out", help="results folder (default results/<timestamp>; an existing folder is refused)")
     p.add_argument("--runs", default="runs/gpu_bench")
+    p.add_argument("--coco", default=".data/coco128.tgz", help="coco128 folder or its .tgz (detection section)")
+    p.add_argument("--detection-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the detection recipe, e.g. stages.0.epochs=100")
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--cifar-variant", action="append", default=[],
                    help="extra CIFAR-10 run: space-separated --set overrides, e.g. 'model.name=convvit_tiny_32'")

@@ -14,4 +14,8 @@ DATA=${CIFAR10_ARCHIVE:-.data/cifar10.tgz}
 if [ ! -e "$DATA" ] && [ -d ../shared/datasets/cifar10 ]; then
   mkdir -p "$(dirname "$DATA")" && tar czf "$DATA" -C ../shared/datasets cifar10
 fi
+# Detection section: coco128 packed the same way (tar czf .data/coco128.tgz -C ../shared/datasets coco128).
+if [ ! -e .data/coco128.tgz ] && [ -d ../shared/datasets/coco128 ]; then
+  mkdir -p .data && tar czf .data/coco128.tgz -C ../shared/datasets coco128
+fi
 exec "$PY" -m effvision.gpu_bench --data "$DATA" "$@"
