@@ -147,7 +147,8 @@ def _prepare_stage_dir(stage_dir: Path, run_dir: Path, resumable: bool, resume: 
 
 
 def _print_summary(name: str, summary: dict[str, Any]) -> None:
-    keys = ("top1", "top5", "train_time_s", "train_img_per_s", "params_m", "gmacs", "onnx")
+    keys = ("top1", "top5", "train_time_s", "train_img_per_s", "params_m", "gmacs", "onnx", "loss_first", "loss_last",
+            "bbox_mAP", "bbox_mAP50")
     parts = [f"{k}={summary[k]:.4g}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
              for k in keys if k in summary]
     if "parity" in summary:

@@ -76,7 +76,9 @@ def test_backbone_bad_input() -> None:
     with pytest.raises(EffVisionError, match="unknown detector 'yolo'"):
         build_detector("yolo", body, 3)
     with pytest.raises(EffVisionError, match="not a multiple"):
-        build_detector("fcos", body, 3, fixed_size=(100, 128))
+        build_detector("fasterrcnn", body, 3, fixed_size=(100, 128))
+    with pytest.raises(EffVisionError, match="fcos needs out_channels divisible by 32, got 16"):
+        build_detector("fcos", body, 3)
 
 
 # ---- COCO data and mAP ------------------------------------------------------------------

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import REPO, SHARED, cli, needs_shared
+from conftest import REPO, SHARED, cli, needs_shared, tiny_recipe
 
 RECIPE = REPO / "recipes" / "detection_coco128.yaml"
 COCO128 = SHARED / "datasets" / "coco128"
@@ -60,3 +61,32 @@ def test_detection_recipe_bad_data_fails_before_work(tmp_path: Path) -> None:
     assert not run.exists()  # checked before the run directory was made
     proc = cli("run", str(RECIPE), "--out", str(run), *_sets(SMALL + ["stages.0.backbone=./no/such/run"]))
     assert proc.returncode == 2 and "backbone not found" in proc.stderr
+
+
+@needs_shared
+@pytest.mark.slow
+def test_detection_starts_from_the_previous_stages_model(tmp_path: Path) -> None:
+    # A classification stage's model (here trained; a pruned one arrives the same way) becomes
+    # the detection backbone, weights included.
+    stages = [
+        {"type": "train", "epochs": 1, "optimizer": {"name": "adamw", "lr": 2.0e-3}, "log_every": 4},
+        {"type": "train_detection", "detector": "fcos", "out_channels": 32, "epochs": 1, "warmup_steps": 0,
+         "min_size": 64, "max_size": 96, "log_every": 1,
+         "data": {"root": str(COCO128), "limit_images": 2, "batch_size": 2, "hflip": False}},
+    ]
+    recipe = tiny_recipe(tmp_path / "r.yaml", stages=stages, data={"limit_train": 128, "limit_eval": 64})
+    run = tmp_path / "run"
+    proc = cli("run", str(recipe), "--out", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((run / "02-train_detection" / "summary.json").read_text())
+    assert s["backbone"] == "vit_micro_patch4_32" and s["backbone_source"] == str(run / "01-train" / "model")
+    from effvision.detection import load_detector
+    from effvision.models.io import load_model
+
+    det, spec = load_detector(run / "02-train_detection" / "detector")
+    trunk, _ = load_model(run / "01-train" / "model")
+    assert spec.backbone["num_classes"] == 10 and spec.kind == "fcos"
+    # Patch embedding weights moved in one detection step but started from the trained ones.
+    got = det.backbone.body.model.patch_embed.proj.weight
+    assert got.shape == trunk.patch_embed.proj.weight.shape
+    assert torch.allclose(got, trunk.patch_embed.proj.weight, atol=0.05)

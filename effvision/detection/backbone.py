@@ -135,7 +135,8 @@ def backbone(source: str | Path | nn.Module, *, out_channels: int = 256, kwargs:
         if not indices:
             raise EffVisionError(f"model {spec.name} has no feature map at stride 8 or coarser (feature_info: {reductions})")
     model.eval()
-    body = FeatureGetterNet(model, out_indices=indices)
+    indices = _prune(model, indices)
+    body = FeatureGetterNet(model, out_indices=indices, prune=False)
     divisor = max(reductions)  # input sides: multiples of the trunk's coarsest stride
     channels, fixed = _probe(body, spec, divisor)
     strides = [reductions[i] for i in indices]
@@ -148,6 +149,17 @@ def backbone(source: str | Path | nn.Module, *, out_channels: int = 256, kwargs:
     body.train()
     return DetectionBackbone(body, neck, out_channels, out_strides + [2 * out_strides[-1]],
                              divisor, fixed, spec, plain)
+
+
+def _prune(model: nn.Module, indices: list[int]) -> list[int]:
+    """Drop the layers after the last map taken and the classifier (what FeatureGetterNet's
+    own pruning does), keeping the classifier where timm cannot drop it."""
+    if not hasattr(model, "prune_intermediate_layers"):
+        return indices
+    try:
+        return model.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
+    except AssertionError:  # timm 1.0.29's EfficientViT (MIT) head asserts on removal: keep it, unused
+        return model.prune_intermediate_layers(indices, prune_norm=True, prune_head=False)
 
 
 def _enable_dynamic_size(model: nn.Module) -> None:

@@ -49,6 +49,8 @@ def build_detector(kind: str, backbone: DetectionBackbone, num_classes: int, *, 
         raise EffVisionError(f"unknown detector '{kind}' (available: {', '.join(DETECTORS)})")
     if num_classes < 2:
         raise EffVisionError(f"num_classes counts background too: at least 2, got {num_classes}")
+    if kind != "fasterrcnn" and backbone.out_channels % 32:  # their heads' GroupNorm(32, channels)
+        raise EffVisionError(f"{kind} needs out_channels divisible by 32, got {backbone.out_channels}")
     if min_size <= 0 or max_size < min_size:
         raise EffVisionError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
     if backbone.fixed_size is not None:

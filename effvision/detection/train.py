@@ -49,7 +49,7 @@ def train_detector(model: nn.Module, loader, *, epochs: int, optimizer: Optimize
                 with autocast(device, amp):
                     parts = model(batch_images, targets)  # {loss_classifier: ..., loss_box_reg: ..., ...}
                 loss = sum(parts.values())
-                value = float(loss)  # one host sync per step: detection steps are long, NaN checks cheap
+                value = float(loss.detach())  # one host sync per step: detection steps are long, NaN checks cheap
                 if not math.isfinite(value):
                     raise TrainingDiverged(f"detection loss is {value} at step {len(losses)} "
                                            f"(lower the learning rate or set grad_clip)")
