@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Format, LayerNorm2d
 from timm.models._features import FeatureGetterNet  # timm's features_only="getter" wrapper (not re-exported)
-from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops import FeaturePyramidNetwork
 
 from ..errors import EffVisionError
 from ..models.io import ModelSpec
@@ -45,35 +45,24 @@ class SimpleFeaturePyramid(nn.Module):
     def __init__(self, in_channels: int, in_stride: int, out_channels: int,
                  strides: tuple[int, ...] = PYRAMID_STRIDES) -> None:
         super().__init__()
-        self.levels = nn.ModuleList(
-            nn.Sequential(*_rescale(in_channels, in_stride, stride), *_project(_rescaled_channels(in_channels, in_stride, stride), out_channels))
-            for stride in strides)
+        self.levels = nn.ModuleList(_level(in_channels, in_stride, stride, out_channels) for stride in strides)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # x: (B, C, H/s, W/s)
         return [level(x) for level in self.levels]
 
 
-def _rescale(channels: int, in_stride: int, stride: int) -> list[nn.Module]:
+def _level(channels: int, in_stride: int, stride: int, out_channels: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
     if stride < in_stride:  # upsample by transposed 2x2 convs, halving channels each time (ViTDet)
-        layers: list[nn.Module] = []
         for i in range(int(math.log2(in_stride // stride))):
             if i:
                 layers += [LayerNorm2d(channels), nn.GELU()]
             layers.append(nn.ConvTranspose2d(channels, channels // 2, 2, stride=2))
             channels //= 2
-        return layers
-    if stride > in_stride:
-        return [nn.MaxPool2d(stride // in_stride)]
-    return []
-
-
-def _rescaled_channels(channels: int, in_stride: int, stride: int) -> int:
-    return channels // (in_stride // stride) if stride < in_stride else channels
-
-
-def _project(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 1, bias=False), LayerNorm2d(out_channels),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)]
+    elif stride > in_stride:
+        layers.append(nn.MaxPool2d(stride // in_stride))
+    return nn.Sequential(*layers, nn.Conv2d(channels, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels))
 
 
 class DetectionBackbone(nn.Module):
@@ -104,7 +93,7 @@ class DetectionBackbone(nn.Module):
         if self.plain:
             maps = self.neck(feats[-1])
         else:
-            maps = list(self.neck(OrderedDict((str(i), f) for i, f in enumerate(feats))).values())[:-1]
+            maps = list(self.neck(OrderedDict((str(i), f) for i, f in enumerate(feats))).values())
         maps.append(F.max_pool2d(maps[-1], kernel_size=1, stride=2))  # stride-2 subsample: torchvision's "pool"
         return OrderedDict(zip(self.names, maps))
 
@@ -113,7 +102,8 @@ def backbone(source: str | Path | nn.Module, *, out_channels: int = 256, kwargs:
              pretrained: bool = False, spec: ModelSpec | None = None) -> DetectionBackbone:
     """A torchvision-compatible detection backbone from a timm/effvision name, a model
     directory, a run directory (its newest model), or a timm module (pass its ``spec`` to
-    make the detector saveable)."""
+    make the detector saveable). A module passed in is changed in place: layers after the
+    last map taken and its classifier are dropped; a plain ViT takes any input size."""
     if isinstance(source, nn.Module):
         model = source
         spec = spec or ModelSpec(name=type(source).__name__, num_classes=0)
@@ -144,7 +134,7 @@ def backbone(source: str | Path | nn.Module, *, out_channels: int = 256, kwargs:
         neck: nn.Module = SimpleFeaturePyramid(channels[0], strides[0], out_channels)
         out_strides = list(PYRAMID_STRIDES)
     else:
-        neck = FeaturePyramidNetwork(channels, out_channels, extra_blocks=LastLevelMaxPool())
+        neck = FeaturePyramidNetwork(channels, out_channels)
         out_strides = strides
     body.train()
     return DetectionBackbone(body, neck, out_channels, out_strides + [2 * out_strides[-1]],

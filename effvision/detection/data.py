@@ -120,11 +120,11 @@ class CocoSamples(Dataset):
     def __init__(self, cfg: CocoDataConfig, clean: dict[str, Any], train: bool) -> None:
         from pycocotools.coco import COCO
 
-        base = CocoDetection(str(Path(cfg.root) / cfg.images), str(Path(cfg.root) / cfg.annotations))
-        # The checked annotations replace what CocoDetection read (pycocotools' own index build).
-        coco = COCO()
-        coco.dataset = clean
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            base = CocoDetection(str(Path(cfg.root) / cfg.images), str(Path(cfg.root) / cfg.annotations))
+            # The checked annotations replace what CocoDetection read (pycocotools' own index build).
+            coco = COCO()
+            coco.dataset = clean
             coco.createIndex()
         base.coco, base.ids = coco, sorted(coco.imgs)
         self.coco = coco
