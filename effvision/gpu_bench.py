@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .bench import benchmark
+from .optim.gpu_section import galore_markdown, galore_section
 from .runinfo import run_environment
 
 __all__ = ["SECTIONS", "main"]
@@ -67,6 +68,7 @@ def cifar10(args: argparse.Namespace) -> list[dict[str, Any]]:
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "inference": inference,
     "cifar10": cifar10,
+    "galore": galore_section,
 }
 
 
@@ -91,6 +93,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> s
                 lines.append(f"| {r['variant']} | {r['model']} | {r['epochs']} | {r['train_time_s']:.1f} | "
                              f"{r['train_img_per_s']:,.0f} | {top1} |")
         lines.append("")
+    if results.get("galore"):
+        lines += galore_markdown(results["galore"])
     return "\n".join(lines)
 
 

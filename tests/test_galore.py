@@ -313,3 +313,19 @@ def test_layerwise_refused_under_ddp(tmp_path: Path) -> None:
     with pytest.raises(EffVisionError, match="before DDP has averaged it"):
         Trainer(_vit(), cfg, loaders, device=torch.device("cpu"), out_dir=tmp_path, num_classes=10,
                 dist=DistInfo(rank=0, world_size=2), progress=False)
+
+
+def test_bench_helper_and_gpu_section_table_on_cpu() -> None:
+    """The code gpu_bench's galore section runs, on the CPU with a small model: rows and table."""
+    from effvision.optim.bench import bench_optimizer
+    from effvision.optim.gpu_section import galore_markdown
+    rows = []
+    for variant, cfg in (("AdamW (torch)", OptimizerConfig(name="adamw", lr=1e-3)),
+                         ("galore_adamw layerwise", OptimizerConfig(name="galore_adamw", lr=1e-3, rank=8,
+                                                                    layerwise=True))):
+        r = bench_optimizer("vit_micro_patch4_32", cfg, batch=2, steps=2, warmup=1, device=torch.device("cpu"),
+                            amp="off", img_size=32)
+        rows.append({**r, "part": "step", "variant": variant})
+    assert rows[1]["layerwise"] and 0 < rows[1]["state_mb"] < 0.5 * rows[0]["state_mb"]
+    table = "\n".join(galore_markdown(rows))
+    assert "| 2 | galore_adamw layerwise |" in table and "n/a" in table

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, SHARED, cli, needs_shared, tiny_recipe
 
 GALORE = {"name": "galore_adamw", "lr": 3.0e-3, "rank": 16, "update_proj_gap": 4, "layerwise": True}
@@ -47,12 +49,13 @@ def test_bad_galore_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert not (tmp_path / "clip").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 @needs_shared
 def test_cifar10_galore_recipe_runs_on_a_cpu_slice(tmp_path: Path) -> None:
     run = tmp_path / "c10"
     r = cli("run", str(REPO / "recipes" / "cifar10_vit_galore.yaml"), "--out", str(run),
             "--set", f"data.root={SHARED / 'datasets' / 'cifar10'}", "--set", "device=cpu",
-            "--set", "data.limit_train=512", "--set", "data.limit_eval=200", "--set", "data.eval_batch_size=200",
+            "--set", "data.limit_train=256", "--set", "data.limit_eval=100", "--set", "data.eval_batch_size=100",
             "--set", "stages.train.epochs=1", "--set", "stages.train.scheduler.warmup_epochs=0.5",
             "--set", "stages.train.compile=false", "--set", "stages.train.channels_last=false",
             env={"HOME": str(tmp_path), **ONE_THREAD})
