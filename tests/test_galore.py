@@ -152,6 +152,13 @@ def test_randomized_svd_finds_the_dominant_subspace() -> None:
     vh = torch.linalg.svd(g, full_matrices=False)[2][:8]
     # same subspace: the projection of the exact basis onto ours keeps its norm
     assert torch.linalg.matrix_norm(vh @ p.T) ** 2 > 8 - 1e-3
+    # the sketch ignores the global RNG (DDP ranks with different RNG states agree)
+    torch.manual_seed(123)
+    w2 = nn.Parameter(torch.zeros(200, 120))
+    opt2 = GaLoreAdamW([{"params": [w2], "rank": 8, "svd": "randomized"}], lr=1e-3)
+    w2.grad = g
+    opt2.step()
+    assert torch.equal(opt2.state[w2]["proj"], p)
 
 
 def test_svd_failure_keeps_previous_projector() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError
 from .projector import projection_side, project, refresh_projector
@@ -33,6 +34,9 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ConfigError(f"GaLore svd must be 'exact' or 'randomized', got {group['svd']!r}")
     for i, p in enumerate(group["params"]):
         name = group.get("names", [])[i] if i < len(group.get("names", [])) else f"parameter {i}"
+        if isinstance(p, DTensor):  # FSDP2 shards: the SVD of a shard is not the gradient's
+            raise ConfigError(f"GaLore cannot project {name}: it is a sharded DTensor (FSDP); the projector "
+                              f"needs the whole gradient matrix")
         if p.ndim < 2:
             raise ConfigError(f"GaLore projects matrices only; {name} has shape {tuple(p.shape)}")
         m, n = p.shape[0], p[0].numel()  # conv (O, I, kh, kw) is treated as O x (I*kh*kw)

@@ -37,14 +37,26 @@ def state_shape(side: Side, m: int, n: int, rank: int) -> tuple[int, int]:
     return {"right": (m, rank), "left": (rank, n), "full": (rank, rank)}[side]
 
 
-def _svd(g: torch.Tensor, rank: int, method: SvdMethod) -> tuple[torch.Tensor, torch.Tensor]:
+def _randomized_svd(g: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Halko et al.'s randomized SVD (rank + 8 sketch, 2 power iterations), GaLore 2's route to
+    a cheap refresh. Hand-written rather than torch.svd_lowrank because that draws from the
+    global RNG: under DDP every rank must draw the same sketch or their projectors (and
+    weights) drift apart; here the sketch is seeded by the step."""
+    m, n = g.shape
+    q = min(rank + 8, m, n)
+    gen = torch.Generator(device=g.device).manual_seed(seed)
+    y = g @ torch.randn(n, q, generator=gen, device=g.device, dtype=g.dtype)   # (m, q)
+    for _ in range(2):  # power iterations sharpen the spectrum; QR keeps them stable
+        y = g @ (g.T @ torch.linalg.qr(y).Q)
+    basis = torch.linalg.qr(y).Q                                              # (m, q)
+    ub, _, vh = torch.linalg.svd(basis.T @ g, full_matrices=False)             # (q, n) is small
+    return (basis @ ub)[:, :rank], vh[:rank]
+
+
+def _svd(g: torch.Tensor, rank: int, method: SvdMethod, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(U[:, :r], Vh[:r]) of the fp32 gradient."""
     if method == "randomized":
-        # Halko et al.: a rank+oversample sketch with 2 power iterations (GaLore 2's route to a
-        # cheap refresh); far cheaper than a full SVD when r << min(m, n).
-        q = min(rank + 8, min(g.shape))
-        u, _, v = torch.svd_lowrank(g, q=q, niter=2)
-        return u[:, :rank], v[:, :rank].T
+        return _randomized_svd(g, rank, seed)
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     return u[:, :rank], vh[:rank]
 
@@ -53,7 +65,7 @@ def refresh_projector(state: dict, grad2d: torch.Tensor, rank: int, side: Side, 
     """Recompute the projector from ``grad2d`` (m x n) in fp32; on an SVD failure keep the
     previous one (the reference crashes), counting the failures in ``state['svd_failures']``."""
     try:
-        u, vh = _svd(grad2d.float(), rank, method)
+        u, vh = _svd(grad2d.float(), rank, method, seed=int(state.get("step", 0)))
         if not (torch.isfinite(u).all() and torch.isfinite(vh).all()):
             raise torch.linalg.LinAlgError("non-finite singular vectors")
     except (torch.linalg.LinAlgError, RuntimeError) as e:
