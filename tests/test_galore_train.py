@@ -55,7 +55,8 @@ def test_cifar10_galore_recipe_runs_on_a_cpu_slice(tmp_path: Path) -> None:
     run = tmp_path / "c10"
     r = cli("run", str(REPO / "recipes" / "cifar10_vit_galore.yaml"), "--out", str(run),
             "--set", f"data.root={SHARED / 'datasets' / 'cifar10'}", "--set", "device=cpu",
-            "--set", "data.limit_train=256", "--set", "data.limit_eval=100", "--set", "data.eval_batch_size=100",
+            "--set", "data.limit_train=256", "--set", "data.batch_size=128", "--set", "data.limit_eval=100",
+            "--set", "data.eval_batch_size=100",
             "--set", "stages.train.epochs=1", "--set", "stages.train.scheduler.warmup_epochs=0.5",
             "--set", "stages.train.compile=false", "--set", "stages.train.channels_last=false",
             env={"HOME": str(tmp_path), **ONE_THREAD})

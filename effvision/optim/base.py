@@ -11,7 +11,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # builds without torch.distributed have no sharded parameters either
+    DTensor = ()  # type: ignore[assignment,misc]
 
 from ..errors import ConfigError
 from .projector import projection_side, project, refresh_projector
@@ -32,14 +36,14 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ConfigError(f"GaLore proj_type must be one of {', '.join(PROJ_TYPES)}, got {group['proj_type']!r}")
     if group["svd"] not in ("exact", "randomized"):
         raise ConfigError(f"GaLore svd must be 'exact' or 'randomized', got {group['svd']!r}")
-    for i, p in enumerate(group["params"]):
-        name = group.get("names", [])[i] if i < len(group.get("names", [])) else f"parameter {i}"
+    names = group.get("names") or [f"parameter {i}" for i in range(len(group["params"]))]
+    for name, p in zip(names, group["params"]):
         if isinstance(p, DTensor):  # FSDP2 shards: the SVD of a shard is not the gradient's
             raise ConfigError(f"GaLore cannot project {name}: it is a sharded DTensor (FSDP); the projector "
                               f"needs the whole gradient matrix")
         if p.ndim < 2:
             raise ConfigError(f"GaLore projects matrices only; {name} has shape {tuple(p.shape)}")
-        m, n = p.shape[0], p[0].numel()  # conv (O, I, kh, kw) is treated as O x (I*kh*kw)
+        m, n = p.shape[0], p.numel() // p.shape[0]  # conv (O, I, kh, kw) is treated as O x (I*kh*kw)
         if rank > min(m, n):
             raise ConfigError(f"GaLore rank {rank} exceeds min(m, n) = {min(m, n)} of {name} "
                               f"({m} x {n}); lower the rank or leave that parameter dense")
