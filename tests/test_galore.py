@@ -336,3 +336,21 @@ def test_bench_helper_and_gpu_section_table_on_cpu() -> None:
     assert rows[1]["layerwise"] and 0 < rows[1]["state_mb"] < 0.5 * rows[0]["state_mb"]
     table = "\n".join(galore_markdown(rows))
     assert "| 2 | galore_adamw layerwise |" in table and "n/a" in table
+
+
+def test_layerwise_never_holds_all_gradients() -> None:
+    """Where the peak-memory gain comes from: during a per-layer backward, at most one
+    parameter's gradient is alive at any moment; a global step ends backward holding all."""
+    alive = {}
+    for layerwise in (True, False):
+        model = _vit()
+        build_galore(model, OptimizerConfig(name="galore_adamw", lr=1e-3, rank=8, layerwise=layerwise))
+        params = list(model.parameters())
+        counts: list[int] = []
+        for p in params:  # registered after the optimizer's hooks, so it runs after them
+            p.register_post_accumulate_grad_hook(lambda _: counts.append(sum(q.grad is not None for q in params)))
+        x, y = _batches(1)[0]
+        _loss(model, x, y).backward()
+        alive[layerwise] = max(counts)
+        assert len(counts) == len(params)
+    assert alive[True] == 0 and alive[False] == len(list(_vit().parameters()))
