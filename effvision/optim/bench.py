@@ -4,6 +4,7 @@ state-memory figures in the README (``python -m effvision.optim.bench``)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from typing import Any
@@ -30,6 +31,9 @@ def bench_optimizer(model_name: str, cfg: OptimizerConfig, *, batch: int, steps:
                     device: torch.device, amp: str = "bf16", img_size: int = 224) -> dict[str, Any]:
     """``warmup`` steps, then ``steps`` timed steps (use steps = update_proj_gap so exactly one
     projector refresh falls in the window); peak memory over the whole run."""
+    gc.collect()  # a previous per-layer optimizer and its model form a cycle (param hooks -> optimizer)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     model: nn.Module = timm.create_model(model_name, num_classes=1000).to(device)
     opt = create_optimizer(model, cfg)
