@@ -1,6 +1,6 @@
-"""Load galore-torch 1.0's AdamW (the reference) without its package __init__, which
-imports bitsandbytes, and without transformers, which its adamw module imports only for a
-``require_version("torch>=1.5.0")`` assertion: a stand-in for that one function is
+"""Load galore-torch 1.0's AdamW and Adafactor (the references) without its package
+__init__, which imports bitsandbytes, and without transformers, which those modules import
+only for a ``require_version("torch>=1.5.0")`` assertion: a stand-in for that one function is
 installed, the optimizer and projector code run unmodified."""
 from __future__ import annotations
 
@@ -13,6 +13,15 @@ from typing import Any
 
 def load_reference_adamw() -> Any | None:
     """galore_torch.adamw.AdamW, or None when galore-torch is not installed."""
+    return _load("adamw", "AdamW")
+
+
+def load_reference_adafactor() -> Any | None:
+    """galore_torch.adafactor.Adafactor, or None when galore-torch is not installed."""
+    return _load("adafactor", "Adafactor")
+
+
+def _load(module: str, cls: str) -> Any | None:
     spec = importlib.util.find_spec("galore_torch")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -33,17 +42,17 @@ def load_reference_adamw() -> Any | None:
     saved = {k: sys.modules.get(k) for k in stubs}
     sys.modules.update(stubs)
     try:
-        for mod in ("galore_projector", "adamw"):
+        for mod in ("galore_projector", module):
             full = f"{pkg_name}.{mod}"
             if full not in sys.modules:
                 s = importlib.util.spec_from_file_location(full, root / f"{mod}.py")
-                module = importlib.util.module_from_spec(s)
-                sys.modules[full] = module
-                s.loader.exec_module(module)
+                loaded = importlib.util.module_from_spec(s)
+                sys.modules[full] = loaded
+                s.loader.exec_module(loaded)
     finally:
         for k, v in saved.items():
             if v is None:
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
-    return sys.modules[f"{pkg_name}.adamw"].AdamW
+    return getattr(sys.modules[f"{pkg_name}.{module}"], cls)

@@ -21,7 +21,7 @@ from effvision.errors import ConfigError, EffVisionError, TrainingDiverged
 from effvision.optim import (GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, build_galore, galore_param_groups,
                              optimizer_state_bytes, split_params)
 
-from galore_reference import load_reference_adamw
+from galore_reference import load_reference_adafactor, load_reference_adamw
 
 torch.set_num_threads(1)  # 2 threads on this shared 2-core machine made a 288x96 SVD 100x slower (OpenMP contention)
 
@@ -80,6 +80,33 @@ def test_matches_galore_torch_reference(proj_type: str) -> None:
     # the projected moments have the reference's shapes
     for p, q in zip(ours.param_groups[1]["params"], ref.param_groups[1]["params"]):
         assert ours.state[p]["exp_avg"].shape == ref.state[q]["exp_avg"].shape
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_adafactor_matches_galore_torch_reference(beta1: float | None) -> None:
+    """GaLoreAdafactor vs galore-torch 1.0's Adafactor with a fixed lr (no relative step, no
+    parameter scaling), weight decay 0 (the reference decays before the update, we after, as
+    in AdamW: they differ by O(lr^2 * wd)); same gradients, 4*T steps."""
+    RefAdafactor = load_reference_adafactor()
+    if RefAdafactor is None:
+        pytest.skip("galore-torch is not installed (scripts/setup.sh installs it)")
+    T, steps = 3, 12
+    ours_m, ref_m = _vit(), _vit()
+    ours = GaLoreAdafactor(_groups(ours_m, 16, T, 0.25, "std"), lr=1e-3, beta1=beta1)
+    ref = RefAdafactor(_groups(ref_m, 16, T, 0.25, "std"), lr=1e-3, beta1=beta1, scale_parameter=False,
+                       relative_step=False, warmup_init=False)
+    for x, y in _batches(steps):
+        _loss(ours_m, x, y).backward()
+        for a, b in zip(ours_m.parameters(), ref_m.parameters()):
+            b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+        ours.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for (name, a), b in zip(ours_m.named_parameters(), ref_m.parameters()):
+                err = float((a - b).abs().max() / b.abs().max())
+                assert err < 1e-5, f"{name} differs by {err:.2e} (relative to its max)"
 
 
 # ---- properties --------------------------------------------------------------------------------

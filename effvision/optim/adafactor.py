@@ -1,8 +1,8 @@
 """GaLoreAdafactor: Adafactor (Shazeer & Stern, 2018) on the projected gradient.
 
 Fixed learning rate from the scheduler (no relative step, no parameter scaling: the trainer
-owns the schedule), factored second moment for matrices (row and column means: m + r
-numbers for an m x r projected gradient), update clipping by RMS, optional momentum on the
+owns the schedule), factored second moment (row and column means over the last two dims:
+m + r numbers for an m x r projected gradient), update clipping by RMS, optional momentum on the
 unscaled update. Decoupled weight decay is applied after the update, as in GaLoreAdamW.
 """
 from __future__ import annotations
@@ -29,17 +29,15 @@ class GaLoreAdafactor(GaLoreOptimizer):
         g = grad.float()
         beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
         sq = g * g + group["eps"]
-        if g.ndim >= 2:  # factored: row and column running means of g^2
-            g2 = g.reshape(g.shape[0], -1)
-            sq = sq.reshape_as(g2)
+        if g.ndim >= 2:  # factored over the last two dims (HF/galore-torch semantics)
             if "row" not in state:
-                state["row"] = torch.zeros(g2.shape[0], dtype=torch.float32, device=g.device)
-                state["col"] = torch.zeros(g2.shape[1], dtype=torch.float32, device=g.device)
-            state["row"].lerp_(sq.mean(dim=1), 1.0 - beta2t)
-            state["col"].lerp_(sq.mean(dim=0), 1.0 - beta2t)
-            r = (state["row"] / state["row"].mean()).rsqrt_()  # (m,)
-            c = state["col"].rsqrt()                           # (n,)
-            update = (g2 * r[:, None] * c[None, :]).view_as(g)
+                state["row"] = torch.zeros(g.shape[:-1], dtype=torch.float32, device=g.device)
+                state["col"] = torch.zeros(g.shape[:-2] + g.shape[-1:], dtype=torch.float32, device=g.device)
+            state["row"].lerp_(sq.mean(dim=-1), 1.0 - beta2t)                   # (..., m)
+            state["col"].lerp_(sq.mean(dim=-2), 1.0 - beta2t)                   # (..., n)
+            r = (state["row"] / state["row"].mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c = state["col"].unsqueeze(-2).rsqrt()
+            update = g * r * c
         else:
             if "sq" not in state:
                 state["sq"] = torch.zeros_like(g)
