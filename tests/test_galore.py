@@ -293,7 +293,7 @@ def test_state_memory_vs_adamw() -> None:
     model = _vit()
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     galore = build_galore(copy.deepcopy(model), OptimizerConfig(name="galore_adamw", lr=1e-3, rank=8))
-    for m, o in ((model, adamw), (None, galore)):
+    for o in (adamw, galore):
         params = [p for g in o.param_groups for p in g["params"]]
         for p in params:
             p.grad = torch.randn_like(p)
