@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .bench import benchmark
+from .optim.gpu_section import galore_markdown, galore_section
 from .runinfo import run_environment
 
 __all__ = ["SECTIONS", "main"]
@@ -122,6 +123,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "inference": inference,
     "cifar10": cifar10,
     "detection": detection,
+    "galore": galore_section,
 }
 
 
@@ -158,6 +160,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> s
                              f"{r['train_img_per_s']:.1f} | {r['loss_first']:.2f} -> {r['loss_last']:.2f} | "
                              f"{r['bbox_mAP']:.3f} | {r['bbox_mAP50']:.3f} |")
         lines.append("")
+    if results.get("galore"):
+        lines += galore_markdown(results["galore"])
     return "\n".join(lines)
 
 

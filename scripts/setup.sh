@@ -17,5 +17,8 @@ echo "setup: creating $VENV and installing effvision (first run takes a few minu
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "torch==2.14.1" "torchvision==0.29.1"
 "${PIP[@]}" -c constraints.txt -e ".[dev]"
+# Test-only reference for effvision.optim (GaLore): its declared deps (transformers,
+# bitsandbytes) are not needed by the adamw module the tests load, so --no-deps.
+"${PIP[@]}" --no-deps -c constraints.txt "galore-torch==1.0"
 echo "$want" > "$STAMP"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__)'))" >&2

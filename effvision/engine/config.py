@@ -50,5 +50,11 @@ class TrainConfig:
             raise ConfigError(f"{where}.scheduler.warmup_epochs must be within [0, epochs] (below epochs for onecycle)")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"{where}.grad_clip must be positive")
+        if self.optimizer.layerwise and self.grad_clip:
+            raise ConfigError(f"{where}: optimizer.layerwise steps each parameter during backward, before a global "
+                              f"gradient norm exists; grad_clip cannot be combined with it")
+        if self.optimizer.layerwise and self.amp == "fp16":
+            raise ConfigError(f"{where}: optimizer.layerwise cannot use amp fp16 (the loss scaler must see every "
+                              f"gradient before any step); use amp bf16")
         if self.log_every <= 0 or self.checkpoint_every < 0 or self.eval_every < 0:
             raise ConfigError(f"{where}: log_every must be positive; checkpoint_every, eval_every non-negative")

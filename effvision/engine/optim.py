@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,14 @@ class OptimizerConfig:
     betas: list[float] | None = None
     eps: float | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # optimizer-specific extras
+    # GaLore (galore_adamw, galore_adamw8bit, galore_adafactor; effvision.optim) only:
+    rank: int | None = None         # projection rank r (required for galore_*); <= min(m, n) of each target
+    update_proj_gap: int = 200      # T: steps between SVD refreshes of the projector
+    scale: float = 0.25             # multiplies the projected-back update
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    svd: Literal["exact", "randomized"] = "exact"  # randomized: torch.svd_lowrank, much cheaper refreshes
+    targets: list[str] | None = None  # regexes on parameter names; default: ViT attn.qkv/proj, mlp.fc1/fc2
+    layerwise: bool = False         # step each parameter in backward: a full set of gradients never exists
 
     def validate(self, where: str) -> None:
         if self.name not in OPTIMIZERS and self.name not in list_optimizers():
@@ -35,6 +43,26 @@ class OptimizerConfig:
             raise ConfigError(f"{where}.lr must be a positive finite number, got {self.lr}")
         if not 0 <= self.weight_decay < float("inf"):
             raise ConfigError(f"{where}.weight_decay must be a non-negative finite number, got {self.weight_decay}")
+        self._validate_galore(where)
+
+    def _validate_galore(self, where: str) -> None:
+        defaults = OptimizerConfig()
+        if not self.name.startswith("galore_"):
+            for key in _GALORE_KEYS:
+                if getattr(self, key) != getattr(defaults, key):
+                    raise ConfigError(f"{where}.{key} applies to the galore_* optimizers only, not '{self.name}'")
+            return
+        if self.rank is None or self.rank <= 0:
+            raise ConfigError(f"{where}.rank must be a positive integer for {self.name}, got {self.rank}")
+        if self.update_proj_gap <= 0:
+            raise ConfigError(f"{where}.update_proj_gap must be positive, got {self.update_proj_gap}")
+        if not 0 < self.scale < float("inf"):
+            raise ConfigError(f"{where}.scale must be a positive finite number, got {self.scale}")
+        if self.targets is not None and not self.targets:
+            raise ConfigError(f"{where}.targets is empty; leave it out for the ViT default")
+
+
+_GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "svd", "targets", "layerwise")
 
 
 OptimizerFactory = Callable[[nn.Module, OptimizerConfig], torch.optim.Optimizer]

@@ -68,6 +68,12 @@ class Trainer:
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.optimizer = create_optimizer(self.model, cfg.optimizer)
+        # Per-layer optimizers (GaLore layerwise) step each parameter inside backward.
+        self.layerwise = bool(getattr(self.optimizer, "layerwise", False))
+        if self.layerwise and self.dist.enabled:
+            raise EffVisionError("optimizer.layerwise steps each parameter as soon as its local gradient exists, "
+                                 "before DDP has averaged it across processes (every rank would drift apart); "
+                                 "set layerwise: false under torchrun")
         self.scheduler = self._create_scheduler()
         self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay) if cfg.ema_decay else None
         self.amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
@@ -261,12 +267,17 @@ class Trainer:
             loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if self.scaler is not None:
+        if self.layerwise:
+            # Every parameter was stepped and its gradient freed during backward; this step()
+            # finds no gradient left (so updates nothing) and keeps LR schedulers' bookkeeping.
+            self.optimizer.step()
+        elif self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.layerwise:
+            self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
             self.scheduler.step()
         if self.ema is not None:

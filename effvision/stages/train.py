@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .. import optim  # noqa: F401  (registers the galore_* optimizers)
 from ..engine import Hooks, TrainConfig, Trainer
 from ..models.catalog import count_params_macs
 from ..models.io import load_model, save_model
