@@ -36,8 +36,10 @@ class OnnxExportConfig:
     atol: float = 1e-4   # fp32 max abs error allowed between PyTorch and onnxruntime
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig) -> Path:
-    """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked."""
+def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig,
+                translations: dict | None = None) -> Path:
+    """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked.
+    ``translations``: ONNX functions for custom ops (e.g. effvision::qdq -> QuantizeLinear/DequantizeLinear)."""
     if not MIN_OPSET <= cfg.opset <= MAX_OPSET:
         raise EffVisionError(f"opset {cfg.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
     path = Path(path)
@@ -51,7 +53,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
         try:
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=cfg.opset,
                                         input_names=["input"], output_names=["logits"],
-                                        dynamic_shapes=dynamic, external_data=False, verbose=False)
+                                        dynamic_shapes=dynamic, external_data=False, verbose=False,
+                                        custom_translation_table=translations)
         except Exception as e:  # the exporter raises many types; the user needs the first line
             root = e.__cause__ or e
             raise EffVisionError(f"ONNX export failed: {type(root).__name__}: {str(root).strip().splitlines()[0]}") from None
