@@ -41,10 +41,10 @@ class DeployConfig:
     slim: bool = True                      # onnxslim pass, kept only if it passes parity too
     parity_batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
     atol: float = 1e-4                     # fp32 tolerance; lower precisions use rel_tol
-    # max abs error / max |logit|. QDQ: onnxruntime fuses QDQ into integer kernels that round
-    # at slightly different points, so a value on a rounding edge moves one step and the step
-    # propagates; measured up to ~9% on random-init ViTs (tiny logits), ~1% on trained ones.
-    rel_tol: dict[str, float] = field(default_factory=lambda: {"fp16": 0.01, "int8": 0.15, "fp8": 0.15})
+    # max abs error / max |logit|. QDQ: onnxruntime's QuantizeLinear and torch round the same
+    # float differently in the last bit now and then, and a value on a rounding edge moves one
+    # int8 step that later layers carry; ~2% measured on random-init ViTs (tiny logits).
+    rel_tol: dict[str, float] = field(default_factory=lambda: {"fp16": 0.01, "int8": 0.05, "fp8": 0.05})
 
 
 def _precision(model_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
@@ -81,18 +81,17 @@ def preflight(model_dir: Path, out_dir: Path, cfg: DeployConfig) -> tuple[str, d
     return precision, quant
 
 
-def _session(path: Path):
+def _session(path: Path, optimize: bool = True):
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def parity(model: nn.Module, path: Path, shape: tuple[int, ...], cfg: DeployConfig, precision: str) -> dict[str, Any]:
-    """onnxruntime (all graph optimisations on: what deploys) vs the PyTorch (fake-quant) model."""
-    session = _session(path)
+def _compare(model: nn.Module, session, shape: tuple[int, ...], sizes: list[int]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
-    fixed = session.get_inputs()[0].shape[0]
-    sizes = [fixed] if isinstance(fixed, int) else cfg.parity_batch_sizes
     errs, rels, agree, n = {}, {}, 0, 0
     for b in sizes:
         x = torch.randn(b, *shape, generator=g)
@@ -103,13 +102,27 @@ def parity(model: nn.Module, path: Path, shape: tuple[int, ...], cfg: DeployConf
         rels[b] = errs[b] / max(float(np.abs(ref).max()), 1e-12)
         agree += int((out.argmax(1) == ref.argmax(1)).sum())
         n += b
-    worst, worst_rel = max(errs.values()), max(rels.values())
-    ok = worst <= cfg.atol if precision == "fp32" else worst_rel <= cfg.rel_tol[precision]
-    result = {"max_abs_error": worst, "max_rel_error": worst_rel, "top1_agreement": agree / n,
-              "per_batch": errs, "tolerance": cfg.atol if precision == "fp32" else {"rel": cfg.rel_tol[precision]}}
-    if not ok:
-        raise ParityError(f"ONNX parity failed for {path.name}: max abs error {worst:.3g} "
-                          f"(relative {worst_rel:.3g}) beyond the {precision} tolerance")
+    return {"max_abs_error": max(errs.values()), "max_rel_error": max(rels.values()), "top1_agreement": agree / n,
+            "per_batch": errs}
+
+
+def parity(model: nn.Module, path: Path, shape: tuple[int, ...], cfg: DeployConfig, precision: str) -> dict[str, Any]:
+    """onnxruntime vs the PyTorch (fake-quant) model. fp32/fp16: the optimised session must match.
+    QDQ: the graph as written (no graph optimisations: QuantizeLinear/DequantizeLinear run as
+    specified) must match; the optimised session, where onnxruntime fuses QDQ into integer
+    kernels that round at other points, is measured and reported."""
+    session = _session(path, optimize=precision in ("fp32", "fp16"))
+    fixed = session.get_inputs()[0].shape[0]
+    sizes = [fixed] if isinstance(fixed, int) else cfg.parity_batch_sizes
+    result = _compare(model, session, shape, sizes)
+    tol = cfg.atol if precision == "fp32" else cfg.rel_tol[precision]
+    worst = result["max_abs_error"] if precision == "fp32" else result["max_rel_error"]
+    result["tolerance"] = {"abs" if precision == "fp32" else "rel": tol}
+    if not worst <= tol:
+        raise ParityError(f"ONNX parity failed for {path.name}: max abs error {result['max_abs_error']:.3g} "
+                          f"(relative {result['max_rel_error']:.3g}) beyond the {precision} tolerance {tol:g}")
+    if precision in ("int8", "fp8"):
+        result["optimized_session"] = _compare(model, _session(path), shape, sizes)
     return result
 
 
