@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="inference throughput and latency")
     b.add_argument("target", help="timm model name, model dir, run dir or .onnx file")
-    b.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "compile", "ort"])
+    b.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "compile", "ort", "ort-int8"])
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--img-size", type=int)

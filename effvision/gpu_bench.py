@@ -64,9 +64,16 @@ def cifar10(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def quantize(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .compress.quantize.gpu_section import quantize_section
+
+    return quantize_section(args)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "inference": inference,
     "cifar10": cifar10,
+    "quantize": quantize,
 }
 
 
@@ -90,6 +97,11 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> s
                 top1 = f"{r['top1']:.2f}%" if r.get("top1") is not None else "n/a"
                 lines.append(f"| {r['variant']} | {r['model']} | {r['epochs']} | {r['train_time_s']:.1f} | "
                              f"{r['train_img_per_s']:,.0f} | {top1} |")
+        lines.append("")
+    if "quantize" in results:
+        lines += ["## Quantization (deit_tiny, effvision.compress.quantize)\n", "| what | result |", "|---|---|"]
+        lines += [f"| {r['what']} | {', '.join(f'{k}={v}' for k, v in r.items() if k != 'what')} |"
+                  for r in results["quantize"]]
         lines.append("")
     return "\n".join(lines)
 
