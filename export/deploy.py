@@ -57,7 +57,7 @@ def _precision(model_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
         raise EffVisionError(f"unknown target '{cfg.target}' (available: {', '.join(TARGET_PLATFORMS)})")
     if quant is None:
         return ("fp32" if cfg.precision == "auto" else cfg.precision), None
-    if cfg.precision not in ("auto",):
+    if cfg.precision != "auto":
         raise EffVisionError(f"{model_dir} is quantized ({quant['precision']}); export it with precision auto, "
                              f"or export the float model before the quantize stage for {cfg.precision}")
     return quant["precision"], quant
@@ -87,7 +87,10 @@ def _session(path: Path, optimize: bool = True):
     opts = ort.SessionOptions()
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types; its message names the node
+        raise EffVisionError(f"onnxruntime cannot run the exported graph: {str(e).strip().splitlines()[0]}") from None
 
 
 def _compare(model: nn.Module, session, shape: tuple[int, ...], sizes: list[int]) -> dict[str, Any]:
@@ -190,5 +193,7 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
         "class_names": spec.class_names, "parity": checks,
     }
     write_manifest(out_dir, ["model.onnx"], info)
+    kept = checks.get("onnxslim", {}).get("kept", True) and "onnxslim" in checks
     return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,
-            "opset": cfg.opset, "model": spec.name, "parity": checks}
+            "opset": cfg.opset, "model": spec.name, "slimmed": kept,
+            "parity": checks["onnxslim" if kept else "export"], "checks": checks}

@@ -15,7 +15,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ...errors import EffVisionError
-from .fake_quant import FP8_MAX, Quantizer
+from .fake_quant import Quantizer
+from .qdq_op import FP8_MAX
 
 __all__ = ["Calibrator", "calibrate", "CALIB_METHODS"]
 
