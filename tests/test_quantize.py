@@ -217,11 +217,12 @@ def test_bad_input_errors_before_files(tmp_path: Path) -> None:
 
 
 def test_tensorrt_check_names_unsupported_nodes() -> None:
-    graph = helper.make_graph([helper.make_node("NonZero", ["x"], ["y"], name="find_nonzero")], "g",
+    # what onnxruntime's quantize_dynamic writes: TensorRT has no DynamicQuantizeLinear
+    graph = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"], name="dyn_q")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT64, [1, None])])
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [4])])
     problems = check_tensorrt(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), "jetpack5")
-    assert {p.node for p in problems} == {"find_nonzero", "<graph>"}  # the op, and opset 18 > 17
+    assert {p.node for p in problems} == {"dyn_q", "<graph>"}  # the op, and opset 18 > 17 for TensorRT 8.5
 
 
 def test_recipe_quantize_export_and_tensorrt_script(tmp_path: Path) -> None:
