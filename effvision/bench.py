@@ -102,8 +102,9 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
         from .compress.quantize.bench import quantized_onnx
 
         onnx_path, tmp_int8 = quantized_onnx(target, model_dir)
-        times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev, threads)
-        tmp_int8.cleanup()
+        with tmp_int8:
+            times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev,
+                                      threads)
     elif backend == "ort":
         times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev, threads)
     else:

@@ -53,6 +53,8 @@ def main() -> None:
         with torch.no_grad():
             out = torch.cat([model(t) for t in test.split(16)])
         figures[f"{target}_top1_agreement"] = float((out.argmax(1) == ref_out.argmax(1)).float().mean())
+        # logit SQNR: random-init logits are nearly flat, so top-1 agreement alone undersells int8
+        figures[f"{target}_sqnr_db"] = float(10 * torch.log10(ref_out.pow(2).mean() / (out - ref_out).pow(2).mean()))
         d = tmp / target
         write_quant_spec(d, quant_spec(model, "int8", target, False))
         save_model(model, spec, d)

@@ -243,3 +243,10 @@ def test_recipe_quantize_export_and_tensorrt_script(tmp_path: Path) -> None:
     assert "--minShapes=input:1x3x32x32" in script and "--maxShapes=input:32x3x32x32" in script
     bad = cli("export", str(run), "--format", "tensorrt", "--profile", "8,1", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "--profile" in bad.stderr and not (tmp_path / "bad").exists()
+    # the float model before the quantize stage, as fp16 for TensorRT
+    p = cli("export", str(run / "01-train" / "model"), "--precision", "fp16", "--out", str(tmp_path / "fp16"))
+    assert p.returncode == 0, p.stderr
+    manifest = json.loads((tmp_path / "fp16" / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and manifest["parity"]["export"]["max_rel_error"] <= 0.01
+    graph = onnx.load(str(tmp_path / "fp16" / "model.onnx"))
+    assert check_tensorrt(graph) == [] and any(i.data_type == TensorProto.FLOAT16 for i in graph.graph.initializer)

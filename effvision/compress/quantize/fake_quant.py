@@ -92,19 +92,27 @@ class _QuantMixin:
         self.input_quantizer = Quantizer(fmt, None, learnable=learnable, unsigned=unsigned_inputs)
         # weights: per output channel (axis 0), which is what TensorRT requires
         self.weight_quantizer = Quantizer(fmt, 0, out_channels, learnable=learnable)
-        with torch.no_grad():
-            w = self.weight.detach().abs()  # type: ignore[attr-defined]
-            self.weight_quantizer.amax.copy_(w.reshape(out_channels, -1).amax(dim=1))
+        self._update_weight_amax()
+
+    @torch.no_grad()
+    def _update_weight_amax(self) -> None:
+        w = self.weight.detach().abs()  # type: ignore[attr-defined]
+        self.weight_quantizer.amax.copy_(w.reshape(w.shape[0], -1).amax(dim=1))  # (out_channels,)
+
+    def _qweight(self) -> torch.Tensor:
+        if self.training and not self.weight_quantizer.learnable:  # QAT: weight scales follow the weights
+            self._update_weight_amax()
+        return self.weight_quantizer(self.weight)  # type: ignore[attr-defined]
 
 
 class QuantLinear(nn.Linear, _QuantMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self.input_quantizer(x), self._qweight(), self.bias)
 
 
 class QuantConv2d(nn.Conv2d, _QuantMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(self.input_quantizer(x), self._qweight(), self.bias)
 
 
 _SWAP = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}
