@@ -25,7 +25,7 @@ from .models.io import SPEC_FILE, load_model
 
 __all__ = ["benchmark", "BACKENDS", "resolve_target"]
 
-BACKENDS = ("torch", "compile", "ort")
+BACKENDS = ("torch", "compile", "ort", "ort-int8")  # ort-int8: a quantized model's QDQ ONNX
 
 
 def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
@@ -98,7 +98,14 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
     kind, model_dir, onnx_path = resolve_target(target)
     result: dict[str, Any] = {"target": target, "backend": backend, "device": str(dev), "batch_size": batch_size,
                               "warmup": warmup, "iters": iters, "threads": torch.get_num_threads()}
-    if backend == "ort":
+    if backend == "ort-int8":
+        from .compress.quantize.bench import quantized_onnx
+
+        onnx_path, tmp_int8 = quantized_onnx(target, model_dir)
+        with tmp_int8:
+            times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev,
+                                      threads)
+    elif backend == "ort":
         times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev, threads)
     else:
         model, shape = _torch_model(target, kind, model_dir, img_size)

@@ -50,6 +50,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     src = Path(args.run_dir)
     model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
     out = Path(args.out) if args.out else src / f"export-{args.format}-opset{args.opset}"
+    if args.format == "tensorrt" or args.precision != "auto" or args.target is not None:
+        from effvision.export.deploy_cli import export_for_target
+
+        print(json.dumps(export_for_target(model_dir, out, args), indent=2))
+        return 0
     cfg = OnnxExportConfig(opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol)
     result = export_model_dir(model_dir, out, cfg, args.format)
     print(json.dumps(result, indent=2))
@@ -113,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a run's newest model (or a model dir)")
     x.add_argument("run_dir")
-    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
+    x.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
+                   help="auto: the model's own (int8/fp8 QDQ when quantized, else fp32)")
+    x.add_argument("--target", choices=["tensorrt", "jetpack5", "ort-cpu"],
+                   help="runtime the graph is for (default: the quantized model's, else tensorrt)")
+    x.add_argument("--profile", default="1,8,32", help="TensorRT batch profile MIN,OPT,MAX")
     x.add_argument("--opset", type=int, default=18)
     x.add_argument("--out", help="output folder (default RUN_DIR/export-<format>-opset<N>)")
     x.add_argument("--static-batch", action="store_true", help="fix the batch axis to 1")
@@ -122,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="inference throughput and latency")
     b.add_argument("target", help="timm model name, model dir, run dir or .onnx file")
-    b.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "compile", "ort"])
+    b.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "compile", "ort", "ort-int8"])
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--img-size", type=int)

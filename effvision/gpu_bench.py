@@ -117,6 +117,10 @@ def detection(args: argparse.Namespace) -> list[dict[str, Any]]:
            "exit_code": proc.returncode}
     print(f"  detection: bbox mAP@0.5 {row['bbox_mAP50']:.3f} (target > 0.5) after {row['steps']} steps", flush=True)
     return [row]
+def quantize(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .compress.quantize.gpu_section import quantize_section
+
+    return quantize_section(args)
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
@@ -124,6 +128,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "cifar10": cifar10,
     "detection": detection,
     "galore": galore_section,
+    "quantize": quantize,
 }
 
 
@@ -162,6 +167,11 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> s
         lines.append("")
     if results.get("galore"):
         lines += galore_markdown(results["galore"])
+    if "quantize" in results:
+        lines += ["## Quantization (deit_tiny, effvision.compress.quantize)\n", "| what | result |", "|---|---|"]
+        lines += [f"| {r['what']} | {', '.join(f'{k}={v}' for k, v in r.items() if k != 'what')} |"
+                  for r in results["quantize"]]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -20,6 +20,15 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
     """model dir -> out_dir/{model.onnx, manifest.json}; refuses to overwrite an existing export."""
     if fmt != "onnx":
         raise EffVisionError(f"unknown export format '{fmt}' (available: onnx)")
+    from effvision.compress.quantize import read_quant_spec
+
+    quant = read_quant_spec(model_dir)
+    if quant is not None:  # quantized: QDQ ONNX for its target, with that target's checks
+        from .deploy import DeployConfig, export_deployable
+
+        return export_deployable(model_dir, out_dir, DeployConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
+                                                                  parity_batch_sizes=cfg.parity_batch_sizes,
+                                                                  target=quant["target"]))
     out_dir = Path(out_dir)
     if (out_dir / ONNX_FILE).exists():
         raise EffVisionError(f"{out_dir / ONNX_FILE} exists already; choose another --out (nothing was overwritten)")

@@ -37,9 +37,10 @@ class OnnxExportConfig:
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig,
-                output_names: list[str] | None = None) -> Path:
+                output_names: list[str] | None = None, translations: dict | None = None) -> Path:
     """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked.
-    A model with several outputs (a tuple) names each in ``output_names``."""
+    A model with several outputs (a tuple) names each in ``output_names``. ``translations``: ONNX
+    functions for custom ops (e.g. effvision::qdq -> QuantizeLinear/DequantizeLinear)."""
     if not MIN_OPSET <= cfg.opset <= MAX_OPSET:
         raise EffVisionError(f"opset {cfg.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
     path = Path(path)
@@ -53,7 +54,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
         try:
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=cfg.opset,
                                         input_names=["input"], output_names=output_names or ["logits"],
-                                        dynamic_shapes=dynamic, external_data=False, verbose=False)
+                                        dynamic_shapes=dynamic, external_data=False, verbose=False,
+                                        custom_translation_table=translations)
         except Exception as e:  # the exporter raises many types; the user needs the first line
             root = e.__cause__ or e
             raise EffVisionError(f"ONNX export failed: {type(root).__name__}: {str(root).strip().splitlines()[0]}") from None

@@ -88,6 +88,11 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     except (json.JSONDecodeError, TypeError) as e:
         raise EffVisionError(f"corrupt model spec {spec_path}: {e}") from None
     model = create_model(spec)
+    from ..compress.quantize.persist import apply_quant_spec, read_quant_spec  # quantized: fake-quant modules first
+
+    quant = read_quant_spec(directory)
+    if quant is not None:
+        apply_quant_spec(model, quant)
     load_weights(model, weights_path, map_location)
     return model, spec
 

@@ -1,0 +1,1 @@
+"""Model compression: pruning, distillation, quantization (each in its own subpackage)."""

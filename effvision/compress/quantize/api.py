@@ -1,0 +1,107 @@
+"""``quantize_(model, cfg, calib, val)``: fake-quantize a model in place, calibrate it, and
+(with an accuracy budget) fall back the most sensitive layers to float until the drop fits."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ...errors import EffVisionError
+from .calibrate import calibrate
+from .config import QuantConfig
+from .fake_quant import QuantLinear, quant_modules, swap_module
+
+__all__ = ["quantize_", "QuantReport", "unquantize_module", "top1"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W), labels (B,)
+
+
+@dataclass
+class QuantReport:
+    quantized: list[str]
+    calib_samples: int
+    float_top1: float | None = None
+    quant_top1: float | None = None
+    sensitivity: dict[str, float] = field(default_factory=dict)  # top-1 drop with only that layer quantized
+    fallback: list[str] = field(default_factory=list)            # layers returned to float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@torch.no_grad()
+def top1(model: nn.Module, batches: list[Batch]) -> float:
+    was = model.training
+    model.eval()
+    hit = n = 0
+    for x, y in batches:
+        hit += int((model(x).argmax(1) == y).sum())
+        n += len(y)
+    model.train(was)
+    return 100.0 * hit / max(n, 1)
+
+
+def check_calibration_set(batches: list[Batch], cfg: QuantConfig) -> int:
+    n = sum(len(x) for x, _ in batches[: cfg.calib_batches])
+    if n == 0:
+        raise EffVisionError("the calibration set is empty")
+    if n < cfg.min_calib_samples:
+        raise EffVisionError(f"the calibration set is too small: {n} images < min_calib_samples "
+                             f"{cfg.min_calib_samples}")
+    return n
+
+
+def quantize_(model: nn.Module, cfg: QuantConfig, calib: list[Batch], val: list[Batch] | None = None,
+              progress: bool = True) -> QuantReport:
+    check_calibration_set(calib, cfg)
+    targets = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)
+               and not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)]
+    if not targets:
+        raise EffVisionError("nothing to quantize: the model has no nn.Linear/nn.Conv2d outside 'exclude'")
+    float_top1 = top1(model, val) if val else None
+    modules = dict(model.named_modules())
+    for name in targets:
+        swap_module(modules[name], cfg.precision, cfg.learnable_scales, cfg.target == "ort-cpu")
+    seen = calibrate(model, (x for x, _ in calib), cfg.calib_batches, cfg.calib_method, cfg.percentile, progress)
+    report = QuantReport(quantized=sorted(quant_modules(model)), calib_samples=seen, float_top1=float_top1)
+    if val:
+        report.quant_top1 = top1(model, val)
+    if cfg.accuracy_budget is not None and val and float_top1 - report.quant_top1 > cfg.accuracy_budget:
+        report.sensitivity = sensitivity(model, val, float_top1, progress)
+        for name in sorted(report.sensitivity, key=report.sensitivity.get, reverse=True):
+            unquantize_module(modules[name])
+            report.fallback.append(name)
+            report.quant_top1 = top1(model, val)
+            if float_top1 - report.quant_top1 <= cfg.accuracy_budget:
+                break
+        report.quantized = sorted(quant_modules(model))
+    return report
+
+
+def _set_enabled(m: nn.Module, on: bool) -> None:
+    m.input_quantizer.enabled = m.weight_quantizer.enabled = on  # type: ignore[union-attr]
+
+
+def sensitivity(model: nn.Module, val: list[Batch], float_top1: float, progress: bool = True) -> dict[str, float]:
+    """Per layer: top-1 drop vs float with only that layer quantized (the others in float)."""
+    mods = quant_modules(model)
+    for m in mods.values():
+        _set_enabled(m, False)
+    out = {}
+    for name, m in tqdm(mods.items(), desc="sensitivity", disable=not progress, leave=False):
+        _set_enabled(m, True)
+        out[name] = float_top1 - top1(model, val)
+        _set_enabled(m, False)
+    for m in mods.values():
+        _set_enabled(m, True)
+    return out
+
+
+def unquantize_module(m: nn.Module) -> None:
+    """Back to the plain float layer (same parameters, quantizers dropped)."""
+    del m.input_quantizer, m.weight_quantizer
+    m.__class__ = nn.Linear if isinstance(m, QuantLinear) else nn.Conv2d

@@ -1,0 +1,199 @@
+"""Deployable ONNX for every precision: fp32, fp16, int8 QDQ and fp8 QDQ (from a model that
+effvision.compress.quantize calibrated), with parity in onnxruntime, an onnxslim pass with a
+second parity check, the TensorRT compatibility check, and a manifest with checksums.
+
+Every check runs on files in a temporary folder; only a graph that passed them all is moved
+to the output folder, so bad input leaves nothing behind."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from effvision.errors import EffVisionError
+from effvision.models.io import load_model
+
+from .manifest import write_manifest
+from .onnx import OnnxExportConfig, ParityError, export_onnx
+from .tensorrt_check import check_tensorrt, raise_if_incompatible
+
+__all__ = ["DeployConfig", "export_deployable", "PRECISIONS", "TARGET_PLATFORMS"]
+
+PRECISIONS = ("auto", "fp32", "fp16")
+# target -> (QDQ form, platform for the TensorRT check or None)
+TARGET_PLATFORMS = {"tensorrt": "tensorrt10", "jetpack5": "jetpack5", "ort-cpu": None}
+FP8_MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear take float8 from opset 19
+
+
+@dataclass
+class DeployConfig:
+    opset: int = 18
+    target: str = "tensorrt"               # tensorrt | jetpack5 | ort-cpu
+    precision: str = "auto"                # auto: the model's (int8/fp8 if quantized, else fp32) | fp32 | fp16
+    dynamic_batch: bool = True
+    slim: bool = True                      # onnxslim pass, kept only if it passes parity too
+    parity_batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    atol: float = 1e-4                     # fp32 tolerance; lower precisions use rel_tol
+    # max abs error / max |logit|. QDQ: onnxruntime's QuantizeLinear and torch round the same
+    # float differently in the last bit now and then, and a value on a rounding edge moves one
+    # int8 step that later layers carry; ~2% measured on random-init ViTs (tiny logits).
+    rel_tol: dict[str, float] = field(default_factory=lambda: {"fp16": 0.01, "int8": 0.05, "fp8": 0.05})
+
+
+def _precision(model_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
+    from effvision.compress.quantize import read_quant_spec
+
+    quant = read_quant_spec(model_dir)
+    if cfg.precision not in PRECISIONS:
+        raise EffVisionError(f"unknown precision '{cfg.precision}' (available: {', '.join(PRECISIONS)})")
+    if cfg.target not in TARGET_PLATFORMS:
+        raise EffVisionError(f"unknown target '{cfg.target}' (available: {', '.join(TARGET_PLATFORMS)})")
+    if quant is None:
+        return ("fp32" if cfg.precision == "auto" else cfg.precision), None
+    if cfg.precision != "auto":
+        raise EffVisionError(f"{model_dir} is quantized ({quant['precision']}); export it with precision auto, "
+                             f"or export the float model before the quantize stage for {cfg.precision}")
+    return quant["precision"], quant
+
+
+def preflight(model_dir: Path, out_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
+    """Checks that need no export: every one raises before anything is written."""
+    precision, quant = _precision(model_dir, cfg)
+    if (out_dir / "model.onnx").exists():
+        raise EffVisionError(f"{out_dir / 'model.onnx'} exists already; choose another --out (nothing was overwritten)")
+    if precision == "fp8" and cfg.opset < FP8_MIN_OPSET:
+        raise EffVisionError(f"opset {cfg.opset} is too low for FP8 QDQ (QuantizeLinear takes float8 from opset "
+                             f"{FP8_MIN_OPSET}; TensorRT 10 reads up to 20)")
+    if precision == "fp8" and cfg.target != "tensorrt":
+        raise EffVisionError(f"FP8 runs on TensorRT (Hopper-class GPUs), not target '{cfg.target}'")
+    if cfg.target == "jetpack5" and cfg.opset > 17:
+        raise EffVisionError(f"target jetpack5 (TensorRT 8.5) reads opset <= 17, not {cfg.opset}")
+    if quant is not None and (quant["target"] == "ort-cpu") != (cfg.target == "ort-cpu"):
+        raise EffVisionError(f"{model_dir} was quantized for target '{quant['target']}' (its QDQ form); "
+                             f"export it with --target {quant['target']} or quantize again for '{cfg.target}'")
+    return precision, quant
+
+
+def _session(path: Path, optimize: bool = True):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types; its message names the node
+        raise EffVisionError(f"onnxruntime cannot run the exported graph: {str(e).strip().splitlines()[0]}") from None
+
+
+def _compare(model: nn.Module, session, shape: tuple[int, ...], sizes: list[int]) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    errs, rels, agree, n = {}, {}, 0, 0
+    for b in sizes:
+        x = torch.randn(b, *shape, generator=g)
+        with torch.no_grad():
+            ref = model(x).float().numpy()
+        out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].astype(np.float32)
+        errs[b] = float(np.abs(out - ref).max())
+        rels[b] = errs[b] / max(float(np.abs(ref).max()), 1e-12)
+        agree += int((out.argmax(1) == ref.argmax(1)).sum())
+        n += b
+    return {"max_abs_error": max(errs.values()), "max_rel_error": max(rels.values()), "top1_agreement": agree / n,
+            "per_batch": errs}
+
+
+def parity(model: nn.Module, path: Path, shape: tuple[int, ...], cfg: DeployConfig, precision: str) -> dict[str, Any]:
+    """onnxruntime vs the PyTorch (fake-quant) model. fp32/fp16: the optimised session must match.
+    QDQ: the graph as written (no graph optimisations: QuantizeLinear/DequantizeLinear run as
+    specified) must match; the optimised session, where onnxruntime fuses QDQ into integer
+    kernels that round at other points, is measured and reported."""
+    session = _session(path, optimize=precision in ("fp32", "fp16"))
+    fixed = session.get_inputs()[0].shape[0]
+    sizes = [fixed] if isinstance(fixed, int) else cfg.parity_batch_sizes
+    result = _compare(model, session, shape, sizes)
+    tol = cfg.atol if precision == "fp32" else cfg.rel_tol[precision]
+    worst = result["max_abs_error"] if precision == "fp32" else result["max_rel_error"]
+    result["tolerance"] = {"abs" if precision == "fp32" else "rel": tol}
+    if not worst <= tol:
+        raise ParityError(f"ONNX parity failed for {path.name}: max abs error {result['max_abs_error']:.3g} "
+                          f"(relative {result['max_rel_error']:.3g}) beyond the {precision} tolerance {tol:g}")
+    if precision in ("int8", "fp8"):
+        result["optimized_session"] = _compare(model, _session(path), shape, sizes)
+    return result
+
+
+def _to_fp16(src: Path, dst: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # fp32 inputs/outputs keep the interface of the fp32 model; the body runs in fp16
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+
+
+def _slim(src: Path, dst: Path) -> None:
+    import onnxslim
+
+    onnx.save(onnxslim.slim(onnx.load(str(src))), str(dst))
+
+
+def _opset(path: Path) -> int:
+    m = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployConfig) -> dict[str, Any]:
+    from effvision.compress.quantize.qdq_op import onnx_translations
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    precision, quant = preflight(model_dir, out_dir, cfg)
+    model, spec = load_model(model_dir)
+    model.eval()
+    shape = (spec.in_chans, spec.img_size, spec.img_size)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        raw = export_onnx(model, tmp / "raw.onnx", shape,
+                          OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch),
+                          translations=onnx_translations(cfg.opset))
+        if _opset(raw) != cfg.opset:
+            raise EffVisionError(f"the exporter could not write opset {cfg.opset} for this model (it kept "
+                                 f"{_opset(raw)}); choose opset >= {_opset(raw)} or a target that reads it")
+        if precision == "fp16":
+            _to_fp16(raw, tmp / "fp16.onnx")
+            raw = tmp / "fp16.onnx"
+        platform = TARGET_PLATFORMS[cfg.target]
+        if platform is not None:
+            raise_if_incompatible(check_tensorrt(raw, platform), f"{model_dir} ({precision}, opset {cfg.opset})")
+        checks = {"export": parity(model, raw, shape, cfg, precision)}
+        final = raw
+        if cfg.slim:
+            _slim(raw, tmp / "slim.onnx")
+            try:
+                checks["onnxslim"] = parity(model, tmp / "slim.onnx", shape, cfg, precision)
+                if platform is not None:
+                    raise_if_incompatible(check_tensorrt(tmp / "slim.onnx", platform), "after onnxslim")
+                final = tmp / "slim.onnx"
+            except EffVisionError as e:  # keep the unslimmed graph, say why
+                checks["onnxslim"] = {"kept": False, "reason": str(e)}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(final), out_dir / "model.onnx")
+    info = {
+        "format": "onnx", "precision": precision, "target": cfg.target, "opset": cfg.opset, "model": spec.name,
+        "source": str(model_dir), "quantization": quant,
+        "input": {"name": "input", "shape": ["batch" if cfg.dynamic_batch else 1, *shape], "dtype": "float32",
+                  "layout": "NCHW"},
+        "output": {"name": "logits", "shape": ["batch" if cfg.dynamic_batch else 1, spec.num_classes]},
+        "preprocessing": {"size": spec.img_size, "mean": list(spec.mean), "std": list(spec.std),
+                          "scale": "pixels / 255, then (x - mean) / std"},
+        "class_names": spec.class_names, "parity": checks,
+    }
+    write_manifest(out_dir, ["model.onnx"], info)
+    kept = checks.get("onnxslim", {}).get("kept", True) and "onnxslim" in checks
+    return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,
+            "opset": cfg.opset, "model": spec.name, "slimmed": kept,
+            "parity": checks["onnxslim" if kept else "export"], "checks": checks}

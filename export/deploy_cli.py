@@ -1,0 +1,34 @@
+"""`effvision export --format tensorrt|--precision|--target`: the deployable ONNX, then an
+engine (or build_engine.sh) for --format tensorrt."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from effvision.compress.quantize import read_quant_spec
+
+from .deploy import DeployConfig, export_deployable
+from .tensorrt_engine import build_engine, manifest_of, parse_profile
+
+__all__ = ["export_for_target"]
+
+
+def export_for_target(model_dir: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    profile = parse_profile(args.profile) if args.format == "tensorrt" else None  # bad input before work
+    quant = read_quant_spec(model_dir)
+    target = args.target or (quant["target"] if quant else "tensorrt")
+    if args.format == "tensorrt" and target == "ort-cpu":
+        from effvision.errors import EffVisionError
+
+        raise EffVisionError("--format tensorrt needs --target tensorrt or jetpack5, not ort-cpu")
+    cfg = DeployConfig(opset=args.opset, target=target, precision=args.precision,
+                       dynamic_batch=not args.static_batch, atol=args.atol)
+    result = export_deployable(model_dir, out, cfg)
+    if profile is not None:
+        engine = build_engine(out / "model.onnx", manifest_of(out), profile)
+        if engine.get("message"):
+            print(f"effvision: {engine['message']}: {engine['script']}", file=sys.stderr)
+        result["tensorrt"] = engine
+    return result
