@@ -76,3 +76,9 @@ def preflight(recipe) -> None:
         raise EffVisionError(f"dataset not found: {data.root} (data.root of '{data.name}')")
     if recipe.model.init_from and not Path(recipe.model.init_from).exists():
         raise EffVisionError(f"model.init_from not found: {recipe.model.init_from}")
+    from . import STAGES
+
+    for index, cfg in enumerate(recipe.stages, start=1):  # stages that check their own inputs
+        check = getattr(STAGES[cfg.type], "preflight", None)
+        if check is not None:
+            check(cfg, recipe, index)
