@@ -141,18 +141,21 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
     with torch.no_grad():
         out_shape = model(example).shape
     importance = criterion.build()
+    head_ratio = spec.ratios.get("heads", 0.0)
+    if kinds["heads"]:  # keep at least one head per attention (Torch-Pruning would remove all)
+        fewest = min(a.num_heads for a in kinds["heads"])
+        head_ratio = min(head_ratio, (fewest - 1) / fewest - 1e-6) if fewest > 1 else 0.0
     ratio_dict = {m: spec.ratios.get(kind, 0.0) for kind in ("width", "mlp", "channels") for m in kinds[kind]}
     # Torch-Pruning visits an attention group only when its channel ratio is positive; with
     # prune_head_dims off that ratio selects nothing by itself, head_pruning_ratio does the work.
-    ratio_dict.update({a.qkv: spec.ratios.get("heads", 0.0) for a in kinds["heads"]})
+    ratio_dict.update({a.qkv: head_ratio for a in kinds["heads"]})
     heads = {a.qkv: a.num_heads for a in kinds["heads"]}
     internal = _attention_internals(model, kinds["heads"])
     try:
         pruner = tp.pruner.MetaPruner(
             model, example, importance=importance, pruning_ratio=0.0, pruning_ratio_dict=ratio_dict,
             iterative_steps=spec.steps, round_to=spec.round_to, num_heads=heads,
-            prune_num_heads=spec.ratios.get("heads", 0) > 0, prune_head_dims=False,
-            head_pruning_ratio=spec.ratios.get("heads", 0.0),
+            prune_num_heads=head_ratio > 0, prune_head_dims=False, head_pruning_ratio=head_ratio,
             ignored_layers=[*_classifier(model), *ignored, *internal])
         for step in range(spec.steps):
             if criterion.calibrate is not None:

@@ -1,5 +1,6 @@
 """The finetune stage: train the newest model (typically pruned) further, optionally
-distilled from a teacher (an earlier stage, a model or run directory, or a timm model)."""
+distilled from a teacher (an earlier stage, a model or run directory, or a timm model).
+Without an earlier model it trains the recipe's model from scratch, distilled."""
 from __future__ import annotations
 
 import re
@@ -14,7 +15,7 @@ from ..errors import ConfigError, EffVisionError
 from ..models.catalog import count_params_macs
 from ..models.io import load_model, save_model
 from .base import MODEL_DIR, Stage, register_stage
-from .common import build_recipe_loaders
+from .common import build_recipe_loaders, build_recipe_model
 
 __all__ = ["DistillConfig", "FinetuneConfig", "FinetuneStage"]
 
@@ -61,7 +62,10 @@ class FinetuneStage(Stage):
     def run(self) -> dict[str, Any]:
         ctx, cfg, recipe = self.ctx, self.cfg, self.ctx.recipe
         t0 = time.perf_counter()
-        model, spec = load_model(ctx.previous_model_dir())
+        loaders = build_recipe_loaders(recipe, ctx.device, ctx.dist.rank, ctx.dist.world_size, cfg.channels_last)
+        prior = ctx.previous_model_dir(required=False)
+        # No earlier model: train the recipe's model from scratch (a student distilled from the start).
+        model, spec = load_model(prior) if prior is not None else build_recipe_model(recipe, loaders.info)
         hooks, train_model = Hooks(), model
         if cfg.distill is not None:
             # Before any training: a missing teacher or one with other classes is a user error.
@@ -72,7 +76,6 @@ class FinetuneStage(Stage):
             teacher = teacher.to(ctx.device)
             train_model = Distilled(model, teacher, cfg.distill, (spec.in_chans, spec.img_size, spec.img_size))
             hooks.loss_terms.append(DistillLoss(teacher, train_model, cfg.distill))
-        loaders = build_recipe_loaders(recipe, ctx.device, ctx.dist.rank, ctx.dist.world_size, cfg.channels_last)
         params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
         trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
