@@ -32,7 +32,7 @@ def compressed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train -> prune (taylor, per-kind ratios, round_to 8) -> finetune distilled from 01-train -> export."""
     tmp = tmp_path_factory.mktemp("run")
     recipe = tiny_recipe(tmp / "r.yaml", stages=_stages(
-        {"type": "prune", "criterion": "taylor", "heads": 0.34, "mlp": 0.5, "width": 0.25, "round_to": 8,
+        {"type": "prune", "criterion": "taylor", "heads": 0.3, "mlp": 0.5, "width": 0.25, "round_to": 8,
          "calib_batches": 2},
         {"type": "finetune", "epochs": 1, "optimizer": {"name": "adamw", "lr": 1.0e-3}, "log_every": 4,
          "distill": {"teacher": "01-train", "kind": "soft", "alpha": 1.0, "feature_weight": 0.5}},

@@ -23,6 +23,8 @@ def teacher_source(ref: str, run_dir: Path | None) -> tuple[str, Path | str]:
     path = Path(ref)
     if (path / SPEC_FILE).is_file():
         return "dir", path
+    if (path / "model" / SPEC_FILE).is_file():  # a stage directory
+        return "dir", path / "model"
     if path.is_dir():
         stages = sorted((d for d in path.iterdir() if _STAGE.match(d.name) and (d / "model" / SPEC_FILE).is_file()),
                         reverse=True)
