@@ -33,14 +33,14 @@ FAMILIES = [
     ("convvit_tiny_32", {"depth": 2}, 32),
     ("deit_tiny_patch16_224", {"img_size": 64, "depth": 2}, 64),
     ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 2}, 64),
-    ("mobilenetv3_large_100", {}, 64),
+    ("mobilenetv3_small_050", {}, 64),
     ("mobilenetv4_conv_small", {}, 64),
     ("levit_128s", {"img_size": 64, "depth": (1, 1, 1)}, 64),
     ("fastvit_t8", {"layers": (1, 1, 1, 1)}, 64),
     ("convnext_atto", {"depths": (1, 1, 1, 1)}, 64),
     ("resnet18", {}, 64),
     ("regnetx_002", {}, 64),
-    ("efficientnet_b0", {}, 64),
+    ("test_efficientnet", {}, 64),         # timm's small EfficientNet (same classes as b0)
     ("tiny_vit_5m_224", {"depths": (1, 1, 1, 1)}, 64),
 ]
 # Families no handler covers: a one-line error naming the family, before anything is written.
