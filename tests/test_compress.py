@@ -183,3 +183,18 @@ def test_obd_accumulates_every_sample() -> None:
         imp.accumulate_grad(lin)
     torch.testing.assert_close(imp._accu_grad[lin.weight], sum(g.pow(2) for g in grads))
     assert imp._counter[lin.weight] == 3
+
+
+def test_macs_budget_search_lands_just_under_the_budget() -> None:
+    from effvision.compress.budget import BudgetSpec, search_ratio
+    from effvision.compress.prune import PruneSpec, model_macs_params, prune_
+
+    model = timm.create_model("vit_micro_patch4_32", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    ratio, achieved = search_ratio(model, x, ["heads", "mlp", "width"], BudgetSpec(metric="macs", fraction=0.5),
+                                   PruneSpec(), tries=5)
+    dense_macs, _ = model_macs_params(model, x[:1])
+    prune_(model, PruneSpec(ratios={"heads": ratio, "mlp": ratio, "width": ratio}, criterion="l2"), x)
+    macs, _ = model_macs_params(model, x[:1])
+    assert 0.4 < macs / dense_macs <= 0.5
+    assert macs / dense_macs == pytest.approx(achieved)
