@@ -141,4 +141,6 @@ def test_bad_prune_inputs_name_the_problem() -> None:
         prune_(model, PruneSpec(ratios={"mlp": 0.5}, criterion="taylor"), x)
     with pytest.raises(EffVisionError, match="nothing to prune"):
         prune_(timm.create_model("resnet18", num_classes=10), PruneSpec(ratios={"heads": 0.5}), torch.randn(2, 3, 64, 64))
+    with pytest.raises(EffVisionError, match="no handler covers vit_micro_patch4_32 with qk_norm"):
+        prune_(timm.create_model("vit_micro_patch4_32", qk_norm=True), PruneSpec(ratios={"mlp": 0.5}), x)
     assert model.embed_dim == 96  # the model was not touched

@@ -137,6 +137,10 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
         asked = {k: r for k, r in spec.ratios.items() if r > 0}
         raise EffVisionError(f"no handler covers {_family(model)} for {asked or 'no ratio'}: nothing to prune "
                              f"(this model has {', '.join(k for k in KINDS if kinds[k]) or 'no prunable kind'})")
+    if any(not isinstance(a.q_norm, nn.Identity) for a in kinds["heads"]):
+        # Torch-Pruning 1.6.1 couples the per-head q/k norms to the qkv output (IndexError on any kind).
+        raise EffVisionError(f"no handler covers {_family(model)} with qk_norm (Torch-Pruning couples its per-head "
+                             f"norms to qkv); use the model without qk_norm")
     model.eval()
     with torch.no_grad():
         out_shape = model(example).shape
