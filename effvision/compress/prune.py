@@ -18,11 +18,9 @@ Kinds and their ratios: ``heads`` (timm Attention), ``mlp`` (hidden units of tim
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import timm
 import torch
 import torch.nn as nn
 import torch_pruning as tp
@@ -228,10 +226,3 @@ def _check_runs(model: nn.Module, example: torch.Tensor, out_shape: torch.Size) 
         raise EffVisionError(f"no handler covers {_family(model)}: the pruned model's output changed shape "
                              f"{tuple(out_shape)} -> {tuple(out.shape)}")
 
-
-def dense_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
-
-
-def timm_family(name: str) -> str:
-    return timm.models.get_pretrained_cfg(name).architecture if timm.is_model(name) else name
