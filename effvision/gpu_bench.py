@@ -123,12 +123,64 @@ def quantize(args: argparse.Namespace) -> list[dict[str, Any]]:
     return quantize_section(args)
 
 
+PRUNE_CRITERIA = ("taylor", "l2", "obd")
+
+
+def prune_distill(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """recipes/cifar10_vit_prune_distill.yaml (criterion taylor), then l2 and obd pruned from the
+    same dense model: accuracy at 50% MACs and bf16 img/s, pruned vs dense."""
+    import copy
+
+    import yaml
+
+    rows = []
+    first = Path(args.runs) / f"prune-{args.stamp}-taylor"
+    recipe = yaml.safe_load(Path("recipes/cifar10_vit_prune_distill.yaml").read_text())
+    recipe["data"]["root"] = args.data
+    for criterion in PRUNE_CRITERIA:
+        run_dir = Path(args.runs) / f"prune-{args.stamp}-{criterion}"
+        r = copy.deepcopy(recipe)
+        if criterion != PRUNE_CRITERIA[0]:  # reuse the first run's dense model as start and teacher
+            dense = str((first / "01-train" / "model").resolve())
+            r["model"]["init_from"] = dense
+            r["stages"] = [s for s in r["stages"] if s["type"] != "train"]
+            for s in r["stages"]:
+                if s["type"] == "finetune":
+                    s["distill"]["teacher"] = dense
+                if s["type"] == "bench":
+                    s.pop("baseline", None)
+        for s in r["stages"]:
+            if s["type"] == "prune":
+                s["criterion"] = criterion
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir.with_suffix(".yaml")
+        path.write_text(yaml.safe_dump(r, sort_keys=False))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "effvision", "run", str(path), "--out", str(run_dir)])
+        row: dict[str, Any] = {"criterion": criterion, "exit_code": proc.returncode, "wall_s": time.perf_counter() - t0}
+        for d in sorted(run_dir.glob("*/summary.json")):
+            s = json.loads(d.read_text())
+            kind = s.get("stage")
+            if kind == "train":
+                row.update(dense_top1=s.get("top1"), dense_train_s=s.get("train_time_s"))
+            elif kind == "prune":
+                row.update(macs_fraction=s.get("macs_fraction"), params_fraction=s.get("params_fraction"))
+            elif kind == "finetune":
+                row.update(pruned_top1=s.get("top1"), finetune_s=s.get("train_time_s"))
+            elif kind == "bench":
+                row.update(pruned_img_s=s["results"][0]["img_per_s"], speedup=s.get("speedup_vs_baseline", {}).get("torch"))
+        rows.append(row)
+        print(f"  prune_distill {criterion}: {row}", flush=True)
+    return rows
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "inference": inference,
     "cifar10": cifar10,
     "detection": detection,
     "galore": galore_section,
     "quantize": quantize,
+    "prune_distill": prune_distill,
 }
 
 
@@ -171,6 +223,13 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> s
         lines += ["## Quantization (deit_tiny, effvision.compress.quantize)\n", "| what | result |", "|---|---|"]
         lines += [f"| {r['what']} | {', '.join(f'{k}={v}' for k, v in r.items() if k != 'what')} |"
                   for r in results["quantize"]]
+    if "prune_distill" in results:
+        lines += ["## Prune + distill, CIFAR-10 (recipes/cifar10_vit_prune_distill.yaml, 50% MACs)\n",
+                  "| criterion | dense top-1 | pruned top-1 | MACs | bf16 img/s pruned | speedup vs dense |",
+                  "|---|---|---|---|---|---|"]
+        for r in results["prune_distill"]:
+            lines.append(f"| {r['criterion']} | {r.get('dense_top1', '')} | {r.get('pruned_top1', 'failed')} | "
+                         f"{r.get('macs_fraction', '')} | {r.get('pruned_img_s', '')} | {r.get('speedup', '')} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -9,7 +9,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Packages that machine's python3 lacks (torch-pruning, pycocotools) travel as wheels in
+# .data/wheels (pip download them here; see README "GPU benchmark"); a wheel is a zip, so it
+# is unpacked to .data/pylib and put on PYTHONPATH: nothing is installed there.
+PYLIB=""
+if compgen -G ".data/wheels/*.whl" > /dev/null; then
+  mkdir -p .data/pylib
+  for w in .data/wheels/*.whl; do "$PY" -m zipfile -e "$w" .data/pylib; done
+  PYLIB="$PWD/.data/pylib"
+fi
+export PYTHONPATH="$PWD${PYLIB:+:$PYLIB}${PYTHONPATH:+:$PYTHONPATH}"
 DATA=${CIFAR10_ARCHIVE:-.data/cifar10.tgz}
 if [ ! -e "$DATA" ] && [ -d ../shared/datasets/cifar10 ]; then
   mkdir -p "$(dirname "$DATA")" && tar czf "$DATA" -C ../shared/datasets cifar10

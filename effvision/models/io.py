@@ -36,6 +36,9 @@ class ModelSpec:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     class_names: list[str] = field(default_factory=list)
+    # Pruned models: tensor shapes and module attributes that differ from the dense model
+    # (effvision.compress.arch); None for a dense model.
+    pruned: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -56,8 +59,8 @@ def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise EffVisionError(f"unknown model '{spec.name}'{hint} (see `effvision models`)")
     try:
-        return timm.create_model(spec.name, pretrained=pretrained, num_classes=spec.num_classes,
-                                 in_chans=spec.in_chans, **spec.kwargs)
+        model = timm.create_model(spec.name, pretrained=pretrained and not spec.pruned,
+                                  num_classes=spec.num_classes, in_chans=spec.in_chans, **spec.kwargs)
     except TypeError as e:
         raise EffVisionError(f"model '{spec.name}' rejected its kwargs {spec.kwargs}: {e}") from None
     except Exception as e:  # hub/network failures come in many types
@@ -65,6 +68,11 @@ def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
             raise
         raise EffVisionError(f"pretrained weights for '{spec.name}' are not available here: "
                              f"{str(e).strip().splitlines()[0]}") from None
+    if spec.pruned:
+        from ..compress.arch import apply_pruned
+
+        apply_pruned(model, spec.pruned)
+    return model
 
 
 def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path:

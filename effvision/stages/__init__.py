@@ -1,6 +1,7 @@
 """Recipe stages, registered by type. Later features add theirs with ``register_stage``."""
 from .base import MODEL_DIR, STAGES, SUMMARY_FILE, Stage, StageContext, register_stage
 from . import bench, evaluate, export, train  # noqa: F401,E402  (registration)
+from . import finetune, prune  # noqa: F401,E402  (registration: effvision.compress)
 from . import quantize  # noqa: F401,E402  (registration)
 
 __all__ = ["MODEL_DIR", "STAGES", "SUMMARY_FILE", "Stage", "StageContext", "register_stage"]

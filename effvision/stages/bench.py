@@ -21,6 +21,7 @@ class BenchConfig:
     warmup: int = 10
     iters: int = 50
     threads: int | None = None
+    baseline: str | None = None      # an earlier stage of this run (e.g. "01-train"), benched side by side
 
     def validate(self, where: str) -> None:
         bad = [b for b in self.backends if b not in BACKENDS]
@@ -46,10 +47,30 @@ class BenchStage(Stage):
                           threads=cfg.threads)
             print(f"  {backend:8s} {r['img_per_s']:10.1f} img/s  p50 {r['latency_ms_p50']:.2f} ms")
             results.append(r)
+            if cfg.baseline is not None:  # right after ours, so both see the same machine load
+                b = self._baseline(cfg, backend)
+                r["speedup_vs_baseline"] = r["img_per_s"] / b["img_per_s"]
+                results.append(b)
         atomic_write_json(ctx.stage_dir / "bench.json", results)
         plot_throughput(results, ctx.stage_dir / "bench.png", f"{ctx.recipe.model.name}, batch {cfg.batch_size}")
         base = results[0]["img_per_s"]
-        return {"results": results, "speedup_vs_first": {r["backend"]: r["img_per_s"] / base for r in results}}
+        summary = {"results": results, "speedup_vs_first": {r["backend"]: r["img_per_s"] / base for r in results}}
+        if cfg.baseline is not None:
+            summary["speedup_vs_baseline"] = {r["backend"]: r["speedup_vs_baseline"] for r in results
+                                              if "speedup_vs_baseline" in r}
+        return summary
+
+    def _baseline(self, cfg: BenchConfig, backend: str) -> dict[str, Any]:
+        from ..errors import EffVisionError
+
+        model_dir = self.ctx.run_dir / str(cfg.baseline) / "model"
+        if not (model_dir / "model.json").is_file():
+            raise EffVisionError(f"bench.baseline: {model_dir} has no model (name an earlier stage, e.g. 01-train)")
+        r = benchmark(str(model_dir), backend, cfg.device, cfg.batch_size, warmup=cfg.warmup, iters=cfg.iters,
+                      threads=cfg.threads)
+        r["backend"] = f"{backend} {cfg.baseline}"
+        print(f"  {r['backend']:8s} {r['img_per_s']:10.1f} img/s  p50 {r['latency_ms_p50']:.2f} ms")
+        return r
 
 
 def plot_throughput(results: list[dict[str, Any]], path, title: str) -> None:

@@ -78,7 +78,7 @@ def preflight(recipe) -> None:
         raise EffVisionError(f"model.init_from not found: {recipe.model.init_from}")
     from . import STAGES
 
-    for cfg in recipe.stages:  # a stage's own input checks (data files, sources), if it has them
+    for index, cfg in enumerate(recipe.stages, start=1):  # stages that check their own inputs
         check = getattr(STAGES[cfg.type], "preflight", None)
         if check is not None:
-            check(cfg, recipe)
+            check(cfg, recipe, index)

@@ -76,7 +76,7 @@ class TrainDetectionStage(Stage):
     Config = TrainDetectionConfig
 
     @staticmethod
-    def preflight(cfg: TrainDetectionConfig, recipe) -> None:
+    def preflight(cfg: TrainDetectionConfig, recipe, index: int) -> None:
         from ..detection.source import check_source
 
         check_coco(cfg.data)
@@ -133,7 +133,7 @@ class EvalDetectionStage(Stage):
     Config = EvalDetectionConfig
 
     @staticmethod
-    def preflight(cfg: EvalDetectionConfig, recipe) -> None:
+    def preflight(cfg: EvalDetectionConfig, recipe, index: int) -> None:
         check_coco(cfg.data)
 
     def run(self) -> dict[str, Any]:

@@ -1,0 +1,228 @@
+"""Structured pruning of timm models: tensors really shrink, the result is a plain timm model.
+
+Torch-Pruning's dependency graph finds the coupled tensors (a conv's BN, a residual group,
+a ViT's embedding width through patch embed, cls/pos tokens, every norm, qkv/proj, fc1/fc2
+and the head). effvision adds what it lacks for timm:
+
+- timm ``Attention``: heads are removed whole, then ``num_heads``/``attn_dim`` are set to
+  match (Torch-Pruning leaves them stale, so forward crashes); fused SDPA stays on.
+- root attributes that name sizes (``num_features``, ``embed_dim``, ``head_hidden_size``,
+  ``feature_info`` channels), so forward_head/forward_intermediates and detection
+  backbones see the pruned widths.
+- a check after pruning that the model still runs and keeps its output shape: a family
+  that Torch-Pruning cannot handle fails here with "no handler covers <family>" instead of
+  training a broken model.
+
+Kinds and their ratios: ``heads`` (timm Attention), ``mlp`` (hidden units of timm Mlp),
+``width`` (ViT embedding width), ``channels`` (every other conv/linear group).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from timm.layers import Mlp
+from timm.layers.attention import Attention
+
+from ..errors import EffVisionError
+from .importance import get_criterion
+
+__all__ = ["PruneSpec", "KINDS", "prune_", "kinds_of", "check_ignored", "model_macs_params"]
+
+KINDS = ("heads", "mlp", "width", "channels")
+# Model classes Torch-Pruning 1.6.1 cannot handle in bounded time: its dependency graph does not
+# terminate on efficientvit_m's cascaded group attention (measured: >3 GB, minutes, at 64x64).
+UNSUPPORTED = {"EfficientVitMsra": "Torch-Pruning's dependency graph does not terminate on its cascaded group attention"}
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class PruneSpec:
+    """What to remove: a fraction per kind (0 keeps it), ranked by ``criterion``."""
+
+    ratios: dict[str, float] = field(default_factory=dict)   # kind -> fraction removed
+    criterion: str = "l2"
+    round_to: int | None = None       # keep channel counts multiples of this (8, 16 for tensor cores)
+    ignore: list[str] = field(default_factory=list)          # module names whose outputs keep their size
+    steps: int = 1                    # iterative: ratios are reached in this many steps
+
+
+def _family(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def _classifier(model: nn.Module) -> list[nn.Module]:
+    heads = []
+    if hasattr(model, "get_classifier"):
+        c = model.get_classifier()
+        heads.extend(c if isinstance(c, tuple) else [c])
+    heads.extend(m for n, m in model.named_modules() if n.endswith("head_dist"))  # DeiT distilled
+    return [h for h in heads if isinstance(h, nn.Module) and any(True for _ in h.parameters())]
+
+
+def _is_vit(model: nn.Module) -> bool:
+    return hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "embed_dim")
+
+
+def kinds_of(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The modules whose *outputs* each kind shrinks (Torch-Pruning roots)."""
+    attn = [m for m in model.modules() if type(m) is Attention]
+    mlp = [m.fc1 for m in model.modules() if type(m) is Mlp and isinstance(m.fc1, nn.Linear)]
+    width: list[nn.Module] = []
+    if _is_vit(model):
+        width = [model.patch_embed.proj] + [b.attn.proj for b in model.blocks if hasattr(b.attn, "proj")] \
+            + [b.mlp.fc2 for b in model.blocks if hasattr(b.mlp, "fc2")]
+    taken = {id(m) for m in [*width, *mlp, *_classifier(model)]}
+    for a in attn:
+        taken.update(id(m) for m in a.modules())
+    internal = _attention_internals(model, attn)
+    taken.update(id(m) for m in internal)
+    channels = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in taken]
+    return {"heads": attn, "mlp": mlp, "width": width, "channels": channels}
+
+
+def _attention_internals(model: nn.Module, handled: list[nn.Module]) -> list[nn.Module]:
+    """Layers inside attention modules we have no head handler for (levit, efficientvit_m,
+    tiny_vit, ...): their outputs are reshaped into heads, so their outputs must keep their size."""
+    ids = {id(a) for a in handled}
+    out = []
+    for name, m in model.named_modules():
+        if "attention" in type(m).__name__.lower() or name.endswith(".attn") or name.endswith(".mixer"):
+            if id(m) not in ids:
+                out.extend(s for s in m.modules() if isinstance(s, (nn.Conv2d, nn.Linear)))
+    return out
+
+
+def check_ignored(model: nn.Module, ignore: Iterable[str]) -> list[nn.Module]:
+    names = dict(model.named_modules())
+    missing = [n for n in ignore if n not in names]
+    if missing:
+        close = [n for n in names if n and any(part in n for part in missing[0].split("."))][:3]
+        hint = f" (e.g. {', '.join(close)})" if close else ""
+        raise EffVisionError(f"prune.ignore: no module named {', '.join(missing)} in {_family(model)}{hint}")
+    return [names[n] for n in ignore]
+
+
+def model_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    was_training = model.training
+    macs, params = tp.utils.count_ops_and_params(model.eval(), example)
+    model.train(was_training)
+    return int(macs), int(params)
+
+
+def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Batches | None = None,
+           between_steps: Callable[[nn.Module, int], None] | None = None) -> nn.Module:
+    """Prune ``model`` in place by ``spec``; ``example`` is one input batch (B, C, H, W).
+
+    ``batches`` (x, y) feed criteria that need data (taylor, obd); ``between_steps(model, i)``
+    runs after every step but the last (short fine-tuning in iterative schedules).
+    """
+    bad = {k: r for k, r in spec.ratios.items() if k not in KINDS or not 0 <= r < 1}
+    if bad:
+        raise EffVisionError(f"prune ratios {bad}: kinds are {', '.join(KINDS)}, each ratio in [0, 1)")
+    if type(model).__name__ in UNSUPPORTED:
+        raise EffVisionError(f"no handler covers {_family(model)}: {UNSUPPORTED[type(model).__name__]}")
+    criterion = get_criterion(spec.criterion)
+    if criterion.needs_data and not batches:
+        raise EffVisionError(f"criterion '{spec.criterion}' needs calibration batches")
+    ignored = check_ignored(model, spec.ignore)
+    kinds = kinds_of(model)
+    if not any(spec.ratios.get(k, 0) > 0 and kinds[k] for k in KINDS):
+        asked = {k: r for k, r in spec.ratios.items() if r > 0}
+        raise EffVisionError(f"no handler covers {_family(model)} for {asked or 'no ratio'}: nothing to prune "
+                             f"(this model has {', '.join(k for k in KINDS if kinds[k]) or 'no prunable kind'})")
+    if any(not isinstance(a.q_norm, nn.Identity) for a in kinds["heads"]):
+        # Torch-Pruning 1.6.1 couples the per-head q/k norms to the qkv output (IndexError on any kind).
+        raise EffVisionError(f"no handler covers {_family(model)} with qk_norm (Torch-Pruning couples its per-head "
+                             f"norms to qkv); use the model without qk_norm")
+    model.eval()
+    with torch.no_grad():
+        out_shape = model(example).shape
+    importance = criterion.build()
+    head_ratio = spec.ratios.get("heads", 0.0)
+    if kinds["heads"]:  # keep at least one head per attention (Torch-Pruning would remove all)
+        fewest = min(a.num_heads for a in kinds["heads"])
+        head_ratio = min(head_ratio, (fewest - 1) / fewest - 1e-6) if fewest > 1 else 0.0
+    ratio_dict = {m: spec.ratios.get(kind, 0.0) for kind in ("width", "mlp", "channels") for m in kinds[kind]}
+    # Torch-Pruning visits an attention group only when its channel ratio is positive; with
+    # prune_head_dims off that ratio selects nothing by itself, head_pruning_ratio does the work.
+    ratio_dict.update({a.qkv: head_ratio for a in kinds["heads"]})
+    heads = {a.qkv: a.num_heads for a in kinds["heads"]}
+    internal = _attention_internals(model, kinds["heads"])
+    try:
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=importance, pruning_ratio=0.0, pruning_ratio_dict=ratio_dict,
+            iterative_steps=spec.steps, round_to=spec.round_to, num_heads=heads,
+            prune_num_heads=head_ratio > 0, prune_head_dims=False, head_pruning_ratio=head_ratio,
+            ignored_layers=[*_classifier(model), *ignored, *internal])
+        for step in range(spec.steps):
+            if criterion.calibrate is not None:
+                model.train()
+                criterion.calibrate(model, importance, batches or [])
+                model.eval()
+            pruner.step()
+            model.zero_grad(set_to_none=True)
+            _fix_attention(model, pruner)
+            _fix_root_sizes(model, example)
+            _check_runs(model, example, out_shape)
+            if between_steps is not None and step + 1 < spec.steps:
+                between_steps(model, step)
+                model.eval()
+    except EffVisionError:
+        raise
+    except Exception as e:  # Torch-Pruning fails in many ways on graphs it does not understand
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EffVisionError(f"no handler covers {_family(model)}: Torch-Pruning failed ({type(e).__name__}: "
+                             f"{msg[:200]})") from None
+    return model
+
+
+def _fix_attention(model: nn.Module, pruner: tp.pruner.MetaPruner) -> None:
+    """Torch-Pruning removes whole heads from qkv/proj but does not tell timm's Attention."""
+    for m in model.modules():
+        if type(m) is Attention:
+            m.num_heads = pruner.num_heads.get(m.qkv, m.num_heads)
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            m.attn_dim = m.num_heads * m.head_dim  # head_dim (and so scale) is unchanged
+
+
+def _fix_root_sizes(model: nn.Module, example: torch.Tensor) -> None:
+    """Size attributes timm keeps on the model itself, read back from the pruned tensors."""
+    if _is_vit(model):
+        width = model.patch_embed.proj.out_channels if hasattr(model.patch_embed.proj, "out_channels") \
+            else model.patch_embed.proj.out_features
+        for name in ("embed_dim", "num_features", "head_hidden_size"):
+            if hasattr(model, name):
+                setattr(model, name, width)
+        if hasattr(model.patch_embed, "proj") and hasattr(model.patch_embed, "embed_dim"):
+            model.patch_embed.embed_dim = width
+    with torch.no_grad():
+        feats = model.forward_features(example[:1])
+        pre = model.forward_head(feats, pre_logits=True)
+    if not _is_vit(model) and hasattr(model, "num_features") and feats.ndim == 4:
+        model.num_features = feats.shape[1]
+    if hasattr(model, "head_hidden_size"):
+        model.head_hidden_size = pre.shape[-1]
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and info and hasattr(model, "forward_intermediates"):
+        try:
+            maps = model.forward_intermediates(example[:1], intermediates_only=True)
+        except Exception:  # some families do not implement it; their feature_info stays as timm made it
+            return
+        if len(maps) == len(info):
+            for entry, t in zip(info, maps):
+                if isinstance(entry, dict) and "num_chs" in entry:
+                    entry["num_chs"] = t.shape[1] if t.ndim == 4 else t.shape[-1]
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor, out_shape: torch.Size) -> None:
+    with torch.no_grad():
+        out = model(example)
+    if out.shape != out_shape:
+        raise EffVisionError(f"no handler covers {_family(model)}: the pruned model's output changed shape "
+                             f"{tuple(out_shape)} -> {tuple(out.shape)}")
+

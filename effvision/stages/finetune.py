@@ -1,0 +1,88 @@
+"""The finetune stage: train the newest model (typically pruned) further, optionally
+distilled from a teacher (an earlier stage, a model or run directory, or a timm model).
+Without an earlier model it trains the recipe's model from scratch, distilled."""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..compress.distill import Distilled, DistillLoss, DistillSpec
+from ..compress.teacher import resolve_teacher, teacher_source
+from ..engine import Hooks, TrainConfig, Trainer
+from ..errors import ConfigError, EffVisionError
+from ..models.catalog import count_params_macs
+from ..models.io import load_model, save_model
+from .base import MODEL_DIR, Stage, register_stage
+from .common import build_recipe_loaders, build_recipe_model
+
+__all__ = ["DistillConfig", "FinetuneConfig", "FinetuneStage"]
+
+
+@dataclass
+class DistillConfig(DistillSpec):
+    teacher: str = ""                    # "01-train" (a stage of this run), a model/run dir, or a timm name
+    teacher_pretrained: bool = False     # timm names only: load timm's pretrained weights
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if not self.teacher:
+            raise ConfigError(f"{where}.teacher: name the teacher (e.g. '01-train', a model dir, a timm model)")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    type: str = "finetune"
+    distill: DistillConfig | None = None
+
+
+@register_stage
+class FinetuneStage(Stage):
+    type = "finetune"
+    Config = FinetuneConfig
+    resumable = False  # the projection of feature distillation is not in the trainer's checkpoints
+
+    @classmethod
+    def preflight(cls, cfg: FinetuneConfig, recipe: Any, index: int) -> None:
+        """The teacher must exist (or be made by an earlier stage of this recipe)."""
+        if cfg.distill is None:
+            return
+        ref = cfg.distill.teacher
+        m = re.match(r"^(\d\d)-([a-z_]+)$", ref)
+        if m:
+            pos, kind = int(m.group(1)), m.group(2)
+            types = [s.type for s in recipe.stages]
+            if pos < 1 or pos > len(types) or types[pos - 1] != kind or pos >= index:
+                raise EffVisionError(f"distill.teacher '{ref}' is not an earlier stage of this recipe "
+                                     f"(stages: {', '.join(f'{i:02d}-{t}' for i, t in enumerate(types, 1))})")
+            return
+        teacher_source(ref, None)
+
+    def run(self) -> dict[str, Any]:
+        ctx, cfg, recipe = self.ctx, self.cfg, self.ctx.recipe
+        t0 = time.perf_counter()
+        loaders = build_recipe_loaders(recipe, ctx.device, ctx.dist.rank, ctx.dist.world_size, cfg.channels_last)
+        prior = ctx.previous_model_dir(required=False)
+        # No earlier model: train the recipe's model from scratch (a student distilled from the start).
+        model, spec = load_model(prior) if prior is not None else build_recipe_model(recipe, loaders.info)
+        hooks, train_model = Hooks(), model
+        if cfg.distill is not None:
+            # Before any training: a missing teacher or one with other classes is a user error.
+            teacher = resolve_teacher(cfg.distill.teacher, ctx.run_dir, spec, cfg.distill.teacher_pretrained)
+            if cfg.distill.kind == "token" and not hasattr(model, "head_dist"):
+                raise EffVisionError(f"distill.kind token: {spec.name} has no distillation token (head_dist); "
+                                     f"use soft or hard")
+            teacher = teacher.to(ctx.device)
+            train_model = Distilled(model, teacher, cfg.distill, (spec.in_chans, spec.img_size, spec.img_size))
+            hooks.loss_terms.append(DistillLoss(teacher, train_model, cfg.distill))
+        params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
+        trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
+                          num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
+                          augment=recipe.data.augment, hooks=hooks)
+        result = trainer.fit()
+        final = result.model.student if isinstance(result.model, Distilled) else result.model
+        if ctx.dist.is_main:
+            save_model(final, spec, ctx.stage_dir / MODEL_DIR)
+        return {**result.metrics, "model": spec.name, "params_m": params_m, "gmacs": gmacs, "epochs": cfg.epochs,
+                "distill": cfg.distill.kind if cfg.distill else None, "wall_time_s": time.perf_counter() - t0}

@@ -1,0 +1,144 @@
+"""The prune stage: the newest model, structurally pruned, saved with its architecture spec.
+
+Targets: ``ratio`` (every kind the model has) or per-kind ``heads``/``mlp``/``width``/
+``channels``, or a ``budget`` (params, MACs or measured latency as a fraction of dense).
+``steps`` > 1 prunes iteratively with ``recover_epochs`` of fine-tuning in between.
+Everything the user gave is checked by ``preflight`` on the recipe's model (a dry run on a
+copy) before the run directory is touched.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..compress.arch import describe_pruned
+from ..compress.budget import BudgetSpec, measure, search_ratio
+from ..compress.importance import CRITERIA
+from ..compress.prune import KINDS, PruneSpec, kinds_of, model_macs_params, prune_
+from ..engine import Hooks, TrainConfig, Trainer
+from ..engine.optim import OptimizerConfig
+from ..errors import ConfigError, EffVisionError
+from ..io import atomic_write_json
+from ..models.io import create_model, load_model, save_model
+from .base import MODEL_DIR, Stage, register_stage
+from .common import build_recipe_loaders, recipe_spec
+
+__all__ = ["PruneConfig", "PruneStage"]
+
+
+@dataclass
+class PruneConfig:
+    type: str = "prune"
+    criterion: str = "taylor"            # l1 | l2 | random | taylor | obd (effvision.compress.importance)
+    ratio: float | None = None           # fraction removed from every kind the model has
+    heads: float | None = None           # per kind (override ratio): attention heads
+    mlp: float | None = None             # MLP hidden units
+    width: float | None = None           # ViT embedding width
+    channels: float | None = None        # conv/linear channels elsewhere
+    budget: BudgetSpec | None = None     # instead of ratios: reach this fraction of dense
+    budget_kinds: list[str] = field(default_factory=lambda: list(KINDS))  # what a budget may shrink
+    max_ratio: float = 0.9               # a budget never removes more than this per kind
+    round_to: int | None = None          # channel counts in multiples of this (8, 16)
+    ignore: list[str] = field(default_factory=list)  # module names whose outputs keep their size
+    steps: int = 1                       # iterative pruning
+    recover_epochs: int = 0              # fine-tuning epochs between steps
+    recover_lr: float = 5e-4
+    calib_batches: int = 4               # taylor / obd: batches of the training data
+
+    def validate(self, where: str) -> None:
+        for kind in ("ratio", *KINDS):
+            r = getattr(self, kind)
+            if r is not None and not 0 < r < 1:
+                raise ConfigError(f"{where}.{kind}: {r} is outside (0, 1)")
+        has_ratio = any(getattr(self, k) is not None for k in ("ratio", *KINDS))
+        if has_ratio == (self.budget is not None):
+            raise ConfigError(f"{where}: give either ratios (ratio, heads, mlp, width, channels) or a budget")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"{where}.criterion: unknown '{self.criterion}' (available: {', '.join(CRITERIA)})")
+        bad = [k for k in self.budget_kinds if k not in KINDS]
+        if bad or not self.budget_kinds:
+            raise ConfigError(f"{where}.budget_kinds: {bad or 'empty'}; kinds are {', '.join(KINDS)}")
+        if not 0 < self.max_ratio < 1:
+            raise ConfigError(f"{where}.max_ratio: {self.max_ratio} is outside (0, 1)")
+        if self.round_to is not None and self.round_to <= 0:
+            raise ConfigError(f"{where}.round_to must be positive")
+        if self.steps <= 0 or self.recover_epochs < 0 or self.calib_batches <= 0:
+            raise ConfigError(f"{where}: steps and calib_batches must be positive, recover_epochs non-negative")
+
+    def ratios(self) -> dict[str, float]:
+        return {k: (getattr(self, k) if getattr(self, k) is not None else self.ratio or 0.0) for k in KINDS}
+
+    def spec(self, ratios: dict[str, float]) -> PruneSpec:
+        return PruneSpec(ratios=ratios, criterion=self.criterion, round_to=self.round_to, ignore=list(self.ignore),
+                         steps=self.steps)
+
+
+def _resolve_ratios(cfg: PruneConfig, model: nn.Module, example: torch.Tensor,
+                    tries: int = 7) -> tuple[dict[str, float], dict[str, Any]]:
+    """The per-kind ratios to prune with (searched for a budget), and what the search found;
+    ``tries=0`` only checks that the budget is reachable at ``max_ratio``."""
+    if cfg.budget is None:
+        return cfg.ratios(), {}
+    present = [k for k in cfg.budget_kinds if kinds_of(model)[k]]
+    if not present:
+        raise EffVisionError(f"prune.budget_kinds {cfg.budget_kinds}: {type(model).__name__} has none of them")
+    ratio, achieved = search_ratio(model, example, present, cfg.budget, cfg.spec({}), cfg.max_ratio, tries)
+    return {k: ratio if k in present else 0.0 for k in KINDS}, {"searched_ratio": ratio, "searched_fraction": achieved}
+
+
+@register_stage
+class PruneStage(Stage):
+    type = "prune"
+    Config = PruneConfig
+
+    @classmethod
+    def preflight(cls, cfg: PruneConfig, recipe: Any, index: int) -> None:
+        """Dry run on the recipe's (untrained) model: ignored names, coverage, budget reachability."""
+        spec = recipe_spec(recipe)
+        model = create_model(spec)
+        example = torch.randn(2, spec.in_chans, spec.img_size, spec.img_size)
+        if cfg.budget is not None:
+            _resolve_ratios(cfg, model, example, tries=0)  # prunes a copy at max_ratio
+            return
+        dry = PruneSpec(ratios=cfg.ratios(), criterion="l1", round_to=cfg.round_to, ignore=list(cfg.ignore))
+        prune_(model, dry, example)
+
+    def run(self) -> dict[str, Any]:
+        ctx, cfg, recipe = self.ctx, self.cfg, self.ctx.recipe
+        t0 = time.perf_counter()
+        model, spec = load_model(ctx.previous_model_dir())
+        if spec.pruned:
+            raise EffVisionError(f"{ctx.previous_model_dir()} is pruned already; prune the dense model in one stage "
+                                 f"(use steps: N for iterative pruning)")
+        loaders = build_recipe_loaders(recipe, ctx.device)
+        calib = [(x.cpu(), y.cpu()) for x, y in islice(loaders.train.epoch(0), cfg.calib_batches)]
+        example = calib[0][0][:2]
+        dense = copy.deepcopy(model)
+        ratios, search = _resolve_ratios(cfg, model, example)
+
+        def recover(m: nn.Module, step: int) -> None:
+            if cfg.recover_epochs:
+                tc = TrainConfig(epochs=cfg.recover_epochs, optimizer=OptimizerConfig(lr=cfg.recover_lr),
+                                 label_smoothing=0.0, eval_every=0)
+                Trainer(m, tc, loaders, device=ctx.device, out_dir=ctx.stage_dir / f"recover-{step}",
+                        num_classes=spec.num_classes, seed=recipe.seed, hooks=Hooks()).fit()
+                m.cpu()
+
+        prune_(model, cfg.spec(ratios), example, calib, between_steps=recover)
+        spec.pruned = describe_pruned(model, dense)
+        save_model(model, spec, ctx.stage_dir / MODEL_DIR)
+        macs0, params0 = model_macs_params(dense, example[:1])
+        macs1, params1 = model_macs_params(model, example[:1])
+        report = {"criterion": cfg.criterion, "ratios": ratios, **search,
+                  "dense": {"macs": macs0, "params": params0}, "pruned": {"macs": macs1, "params": params1},
+                  "macs_fraction": macs1 / macs0, "params_fraction": params1 / params0}
+        if cfg.budget is not None and cfg.budget.metric == "latency":
+            report["latency_fraction"] = measure(model, example, cfg.budget) / measure(dense, example, cfg.budget)
+        atomic_write_json(ctx.stage_dir / "prune.json", report)
+        return {**report, "model": spec.name, "wall_time_s": time.perf_counter() - t0}
