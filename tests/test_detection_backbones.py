@@ -67,3 +67,36 @@ def test_backbone_family_in_detector(name: str, kwargs: dict, kind: str) -> None
     for (h, w), stride, m in zip([side] * len(maps), body.strides, maps.values()):
         assert m.shape[:2] == (1, 32)
         assert m.shape[-2] == -(-h // stride) or m.shape[-2] == h // stride
+
+
+def test_pruned_vit_from_model_dir_in_detector(tmp_path) -> None:
+    """effvision's pruned ViT (heads, MLP and embedding width removed) loads from its model dir
+    (spec + safetensors) into a detector, and the pyramid follows the pruned width."""
+    import copy
+
+    import timm
+
+    from effvision.compress import PruneSpec, describe_pruned, prune_
+    from effvision.models.io import ModelSpec, save_model
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_micro_patch4_32", num_classes=10)
+    dense = copy.deepcopy(model)
+    prune_(model, PruneSpec(ratios={"heads": 0.3, "mlp": 0.5, "width": 0.25}), torch.randn(2, 3, 32, 32))
+    spec = ModelSpec("vit_micro_patch4_32", num_classes=10, img_size=32, pruned=describe_pruned(model, dense))
+    assert model.embed_dim < dense.embed_dim
+    save_model(model, spec, tmp_path / "model")
+
+    body = backbone(str(tmp_path / "model"), out_channels=32)
+    first = next(m for m in body.neck.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)))
+    assert first.in_channels == model.embed_dim  # the pyramid reads the pruned width
+    det = build_detector("fcos", body, num_classes=4, min_size=96, max_size=160)
+    det.train()
+    losses = det([torch.rand(3, 100, 140), torch.rand(3, 90, 150)], _targets(2))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    det.eval()
+    with torch.no_grad():
+        (out,) = det([torch.rand(3, 150, 96)])
+    assert set(out) == {"boxes", "scores", "labels"}

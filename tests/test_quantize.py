@@ -14,7 +14,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
-from effvision.compress.quantize import (QuantConfig, QuantLinear, Quantizer, quant_modules, quant_spec, quantize_,
+from effvision.compress.quantize import (QuantConfig, QuantLinear, quant_modules, quant_spec, quantize_,
                                          write_quant_spec)
 from effvision.compress.quantize.qdq_op import qdq
 from effvision.errors import EffVisionError

@@ -173,7 +173,7 @@ def _probe(body: nn.Module, spec: ModelSpec, divisor: int) -> tuple[list[int], t
     small = (2 * side, 3 * side)
     try:
         feats = body(torch.zeros(1, spec.in_chans, *small))
-        size, fixed = small, None
+        fixed = None
     except Exception as small_error:  # models fail on foreign sizes in many ways (asserts, shape errors)
         own = (spec.img_size, spec.img_size)
         try:
@@ -181,7 +181,7 @@ def _probe(body: nn.Module, spec: ModelSpec, divisor: int) -> tuple[list[int], t
         except Exception as e:
             raise EffVisionError(f"backbone {spec.name} does not run at {small[0]}x{small[1]} "
                                  f"({_first_line(small_error)}) nor at its own {own[0]}x{own[1]} ({_first_line(e)})") from None
-        size, fixed = own, own
+        fixed = own
     return [int(f.shape[1]) for f in feats], fixed
 
 
