@@ -55,7 +55,8 @@ def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
     raise EffVisionError(f"benchmark target '{target}' is neither a timm model, a model/run dir nor an .onnx file")
 
 
-def _time(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None]) -> list[float]:
+def time_calls(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds per call of ``fn`` after ``warmup`` calls; ``sync`` waits for the device."""
     for _ in range(warmup):
         fn()
     sync()
@@ -128,7 +129,7 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
             with torch.no_grad(), autocast(dev, amp):
                 fn_model(x)
 
-        times = _time(step, warmup, iters, sync)
+        times = time_calls(step, warmup, iters, sync)
         result["amp"] = "bf16" if (amp == "auto" and dev.type == "cuda") else amp
         if dev.type == "cuda":
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
@@ -172,7 +173,7 @@ def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
                              f"{inp.shape[0]} or export with a dynamic batch")
     shape = tuple(dims)
     x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
-    times = _time(lambda: session.run(None, {inp.name: x}), warmup, iters, lambda: None)
+    times = time_calls(lambda: session.run(None, {inp.name: x}), warmup, iters, lambda: None)
     if tmp is not None:
         tmp.cleanup()
     return times, shape

@@ -20,7 +20,7 @@ import torch.nn as nn
 from effvision.errors import EffVisionError
 from effvision.models.io import load_model
 
-from .manifest import write_manifest
+from .manifest import classifier_io, write_manifest
 from .onnx import OnnxExportConfig, ParityError, export_onnx
 from .tensorrt_check import check_tensorrt, raise_if_incompatible
 
@@ -185,12 +185,7 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
     info = {
         "format": "onnx", "precision": precision, "target": cfg.target, "opset": cfg.opset, "model": spec.name,
         "source": str(model_dir), "quantization": quant,
-        "input": {"name": "input", "shape": ["batch" if cfg.dynamic_batch else 1, *shape], "dtype": "float32",
-                  "layout": "NCHW"},
-        "output": {"name": "logits", "shape": ["batch" if cfg.dynamic_batch else 1, spec.num_classes]},
-        "preprocessing": {"size": spec.img_size, "mean": list(spec.mean), "std": list(spec.std),
-                          "scale": "pixels / 255, then (x - mean) / std"},
-        "class_names": spec.class_names, "parity": checks,
+        **classifier_io(spec, tuple(shape), cfg.dynamic_batch), "parity": checks,
     }
     write_manifest(out_dir, ["model.onnx"], info)
     kept = checks.get("onnxslim", {}).get("kept", True) and "onnxslim" in checks

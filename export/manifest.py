@@ -11,7 +11,7 @@ import torch
 
 from effvision.io import atomic_write_json
 
-__all__ = ["sha256", "write_manifest", "package_versions"]
+__all__ = ["sha256", "write_manifest", "package_versions", "classifier_io"]
 
 
 def sha256(path: str | Path) -> str:
@@ -33,6 +33,19 @@ def package_versions() -> dict[str, str]:
             continue
     out["torch"] = torch.__version__
     return out
+
+
+def classifier_io(spec: Any, shape: tuple[int, ...], dynamic_batch: bool) -> dict[str, Any]:
+    """The manifest's input, output, preprocessing and class names for an image classifier
+    (``spec``: effvision.models.io.ModelSpec; ``shape``: (C, H, W))."""
+    batch = "batch" if dynamic_batch else 1
+    return {
+        "input": {"name": "input", "shape": [batch, *shape], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": "logits", "shape": [batch, spec.num_classes]},
+        "preprocessing": {"size": spec.img_size, "mean": list(spec.mean), "std": list(spec.std),
+                          "scale": "pixels / 255, then (x - mean) / std"},
+        "class_names": spec.class_names,
+    }
 
 
 def write_manifest(directory: str | Path, files: list[str], info: dict[str, Any]) -> Path:

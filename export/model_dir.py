@@ -7,7 +7,7 @@ from typing import Any
 from effvision.errors import EffVisionError
 from effvision.models.io import load_model
 
-from .manifest import write_manifest
+from .manifest import classifier_io, write_manifest
 from .onnx import OnnxExportConfig, check_parity, export_onnx
 
 __all__ = ["export_model_dir", "ONNX_FILE"]
@@ -43,12 +43,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
         raise
     info = {
         "format": "onnx", "opset": cfg.opset, "model": spec.name, "source": str(model_dir),
-        "input": {"name": "input", "shape": ["batch" if cfg.dynamic_batch else 1, *shape], "dtype": "float32",
-                  "layout": "NCHW"},
-        "output": {"name": "logits", "shape": ["batch" if cfg.dynamic_batch else 1, spec.num_classes]},
-        "preprocessing": {"size": spec.img_size, "mean": list(spec.mean), "std": list(spec.std),
-                          "scale": "pixels / 255, then (x - mean) / std"},
-        "class_names": spec.class_names, "parity": parity,
+        **classifier_io(spec, tuple(shape), cfg.dynamic_batch), "parity": parity,
     }
     write_manifest(out_dir, [ONNX_FILE], info)
     return {"onnx": str(path), **{k: info[k] for k in ("opset", "model")}, "parity": parity}

@@ -47,6 +47,24 @@ def _groups(model: nn.Module, rank: int, gap: int, scale: float, proj_type: str)
              "proj_type": proj_type}]
 
 
+def _step_with_same_grads(ours: torch.optim.Optimizer, ours_m: nn.Module, ref: torch.optim.Optimizer,
+                          ref_m: nn.Module, steps: int, label: str) -> None:
+    """Step both optimizers with our model's gradients; after every step each parameter agrees
+    with the reference's within 1e-5 of its largest entry."""
+    for x, y in _batches(steps):
+        _loss(ours_m, x, y).backward()
+        for a, b in zip(ours_m.parameters(), ref_m.parameters()):
+            b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+        ours.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for (name, a), b in zip(ours_m.named_parameters(), ref_m.parameters()):
+                err = float((a - b).abs().max() / b.abs().max())
+                assert err < 1e-5, f"{label}: {name} differs by {err:.2e} (relative to its max)"
+
+
 # ---- against the reference --------------------------------------------------------------------
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
 def test_matches_galore_torch_reference(proj_type: str) -> None:
@@ -65,18 +83,7 @@ def test_matches_galore_torch_reference(proj_type: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         ref = RefAdamW(_groups(ref_m, 16, T, 0.25, proj_type), no_deprecation_warning=True, **kw)
-    for x, y in _batches(steps):
-        _loss(ours_m, x, y).backward()
-        for a, b in zip(ours_m.parameters(), ref_m.parameters()):
-            b.grad = a.grad.clone()
-        ours.step()
-        ref.step()
-        ours.zero_grad(set_to_none=True)
-        ref.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for (name, a), b in zip(ours_m.named_parameters(), ref_m.parameters()):
-                err = float((a - b).abs().max() / b.abs().max())
-                assert err < 1e-5, f"{proj_type}: {name} differs by {err:.2e} (relative to its max)"
+    _step_with_same_grads(ours, ours_m, ref, ref_m, steps, proj_type)
     # the projected moments have the reference's shapes
     for p, q in zip(ours.param_groups[1]["params"], ref.param_groups[1]["params"]):
         assert ours.state[p]["exp_avg"].shape == ref.state[q]["exp_avg"].shape
@@ -95,18 +102,7 @@ def test_adafactor_matches_galore_torch_reference(beta1: float | None) -> None:
     ours = GaLoreAdafactor(_groups(ours_m, 16, T, 0.25, "std"), lr=1e-3, beta1=beta1)
     ref = RefAdafactor(_groups(ref_m, 16, T, 0.25, "std"), lr=1e-3, beta1=beta1, scale_parameter=False,
                        relative_step=False, warmup_init=False)
-    for x, y in _batches(steps):
-        _loss(ours_m, x, y).backward()
-        for a, b in zip(ours_m.parameters(), ref_m.parameters()):
-            b.grad = a.grad.clone()
-        ours.step()
-        ref.step()
-        ours.zero_grad(set_to_none=True)
-        ref.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for (name, a), b in zip(ours_m.named_parameters(), ref_m.parameters()):
-                err = float((a - b).abs().max() / b.abs().max())
-                assert err < 1e-5, f"{name} differs by {err:.2e} (relative to its max)"
+    _step_with_same_grads(ours, ours_m, ref, ref_m, steps, f"beta1={beta1}")
 
 
 # ---- properties --------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from ..bench import time_calls
 from ..errors import ConfigError, EffVisionError
 from .prune import PruneSpec, model_macs_params, prune_
 
@@ -70,16 +70,7 @@ def _latency(model: nn.Module, shape: tuple[int, ...], budget: BudgetSpec) -> fl
 
 
 def _median(fn: Callable[[], object], iters: int, sync: Callable[[], None]) -> float:
-    for _ in range(3):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, 3, iters, sync))
 
 
 def measure(model: nn.Module, example: torch.Tensor, budget: BudgetSpec) -> float:
