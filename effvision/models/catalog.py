@@ -12,7 +12,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["EFFICIENT_FAMILIES", "ModelCost", "list_efficient_models", "model_cost", "count_params_macs"]
+__all__ = ["EFFICIENT_FAMILIES", "ModelCost", "list_efficient_models", "model_cost", "count_params_macs", "count_macs"]
 
 # timm name patterns of the efficient families effvision targets, effvision's own first.
 EFFICIENT_FAMILIES: tuple[str, ...] = (
@@ -62,14 +62,20 @@ def model_cost(name: str, input_size: tuple[int, int, int] | None = None) -> Mod
     return ModelCost(name, params / 1e6, counter.get_total_flops() / 2e9, size)  # type: ignore[arg-type]
 
 
-def count_params_macs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> tuple[float, float]:
-    """(params in millions, GMACs of one forward pass) of an instantiated model."""
-    params = sum(p.numel() for p in model.parameters())
-    device = next(model.parameters()).device
+def count_macs(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """MACs of one eval-mode forward pass on ``example`` (attention matmuls included). The one
+    counter for summaries and pruning budgets alike, so their fractions agree."""
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.zeros(1, *input_size, device=device))
+        model(example)
     model.train(was_training)
-    return params / 1e6, counter.get_total_flops() / 2e9
+    return counter.get_total_flops() // 2
+
+
+def count_params_macs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> tuple[float, float]:
+    """(params in millions, GMACs of one forward pass) of an instantiated model."""
+    params = sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    return params / 1e6, count_macs(model, torch.zeros(1, *input_size, device=device)) / 1e9
