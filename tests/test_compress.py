@@ -245,3 +245,26 @@ def test_unknown_names_get_suggestions_from_every_timm_model() -> None:
 
     with pytest.raises(EffVisionError, match="did you mean vit_tiny_patch16_224"):
         teacher_source("vit_tiny_patch16_2244", None)
+
+
+def test_latency_search_rerun_reads_the_machine_table_and_gives_the_same_ratio() -> None:
+    """A latency budget is measured round-robin against dense, once per machine: a rerun reads the
+    table (no clock) and lands on the same architecture."""
+    from effvision.compress.budget import BudgetSpec, LatencyTable, search_ratio
+    from effvision.compress.prune import PruneSpec
+
+    model = timm.create_model("vit_micro_patch4_32", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    budget = BudgetSpec(metric="latency", backend="torch", fraction=0.7, batch_size=16, iters=2, rounds=3)
+    kinds = ["heads", "mlp", "width"]
+    first_table = LatencyTable.for_search(model, x, kinds, budget, PruneSpec())
+    assert not first_table.reused
+    first = search_ratio(model, x, kinds, budget, PruneSpec(), tries=3, table=first_table)
+    assert first_table.path.is_file() and len(first_table.entries) == 4  # max_ratio + 3 bisection steps
+    stamp = first_table.path.stat().st_mtime_ns
+    again_table = LatencyTable.for_search(model, x, kinds, budget, PruneSpec())
+    assert again_table.reused and again_table.path == first_table.path
+    assert search_ratio(model, x, kinds, budget, PruneSpec(), tries=3, table=again_table) == first
+    assert first_table.path.stat().st_mtime_ns == stamp  # nothing was measured again
+    first_table.path.write_text("{not json")              # a damaged table is measured anew, not trusted
+    assert not LatencyTable.for_search(model, x, kinds, budget, PruneSpec()).reused
