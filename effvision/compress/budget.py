@@ -8,8 +8,8 @@ always run faster (small or odd channel counts, memory-bound layers); measuring 
 point of a latency budget.
 
 Latency is noisy on a shared machine, so it is measured robustly and remembered:
-- each trial is timed round-robin against the dense model in the same rounds (load from other
-  jobs hits both alike) and its fraction is the median of the per-round ratios;
+- each trial alternates with the dense model call by call (load from other jobs hits both
+  alike) and its fraction is the median of the adjacent pairs' ratios;
 - every measured (ratio -> fraction) goes into a per-machine latency table (as nn-Meter and
   HALP keep one), a JSON file keyed by model, input, kinds, backend, machine and versions,
   under ``$EFFVISION_CACHE`` (default ``~/.cache/effvision``). A rerun on the same machine reads
@@ -48,8 +48,8 @@ class BudgetSpec:
     backend: Literal["torch", "ort"] = "torch"   # latency only
     device: Literal["cpu", "cuda"] = "cpu"       # latency only (ort: cpu)
     batch_size: int = 32                         # latency only
-    iters: int = 10                              # latency only: timed runs per round
-    rounds: int = 5                              # latency only: round-robin rounds against dense
+    iters: int = 10                              # latency only: timed pairs per round
+    rounds: int = 5                              # latency only: rounds (rounds * iters pairs in all)
     cache: bool = True                           # latency only: reuse this machine's latency table
 
     def validate(self, where: str) -> None:
@@ -87,7 +87,8 @@ def _runner(model: nn.Module, shape: tuple[int, ...], budget: BudgetSpec, stack:
 
 
 def latency_fraction(model: nn.Module, dense: nn.Module, example: torch.Tensor, budget: BudgetSpec) -> float:
-    """Latency of ``model`` over ``dense``, timed round-robin: the median of per-round ratios."""
+    """Latency of ``model`` over ``dense``: the two alternate call by call and the fraction is the
+    median of the adjacent pairs' ratios, so load from other jobs hits both alike."""
     dev = torch.device(budget.device if budget.backend == "torch" else "cpu")
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     with ExitStack() as stack:
@@ -95,11 +96,8 @@ def latency_fraction(model: nn.Module, dense: nn.Module, example: torch.Tensor, 
         run_model, run_dense = _runner(model, shape, budget, stack), _runner(dense, shape, budget, stack)
         for fn in (run_model, run_dense):
             time_calls(fn, 3, 1, sync)  # warm-up
-        ratios = []
-        for _ in range(budget.rounds):
-            t_model = statistics.median(time_calls(run_model, 0, budget.iters, sync))
-            t_dense = statistics.median(time_calls(run_dense, 0, budget.iters, sync))
-            ratios.append(t_model / t_dense)
+        ratios = [time_calls(run_model, 0, 1, sync)[0] / time_calls(run_dense, 0, 1, sync)[0]
+                  for _ in range(budget.rounds * budget.iters)]
     return statistics.median(ratios)
 
 
