@@ -239,3 +239,15 @@ def test_models_bench_measures_latency_and_writes_table_and_plot(tmp_path) -> No
     assert "| fast_large |" in paths["md"].read_text()
     with pytest.raises(EffVisionError, match="not empty"):
         write_speed_table(rows, ("torch",), tmp_path / "speed", "test cpu")
+
+
+def test_macs_count_attention_on_the_cpu_as_on_meta() -> None:
+    """One MAC count whatever the device: the CPU's fused SDPA kernel is counted too."""
+    from effvision.models.catalog import count_params_macs, model_cost
+
+    model = timm.create_model("vit_micro_patch4_32")
+    _, cpu_gmacs = count_params_macs(model, (3, 32, 32))
+    assert cpu_gmacs == pytest.approx(model_cost("vit_micro_patch4_32").gmacs)
+    for block in model.blocks:  # the unfused path: explicit matmuls, counted by torch itself
+        block.attn.fused_attn = False
+    assert count_params_macs(model, (3, 32, 32))[1] == pytest.approx(cpu_gmacs)
