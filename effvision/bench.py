@@ -52,7 +52,11 @@ def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
 
     if timm.is_model(target):
         return "timm", None, None
-    raise EffVisionError(f"benchmark target '{target}' is neither a timm model, a model/run dir nor an .onnx file")
+    from .models.io import similar_model_names
+
+    close = similar_model_names(str(target))
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise EffVisionError(f"benchmark target '{target}' is neither a timm model, a model/run dir nor an .onnx file{hint}")
 
 
 def time_calls(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None]) -> list[float]:

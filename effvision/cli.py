@@ -87,6 +87,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     names = list_efficient_models(args.filter)
     if not names:
         raise EffVisionError(f"no efficient model matches '{args.filter}'")
+    if args.bench:
+        return _bench_models(names, args)
     print(f"{'model':42s} {'params (M)':>10s} {'GMACs':>8s}  input")
     for name in names:
         if args.no_cost:
@@ -94,6 +96,30 @@ def _cmd_models(args: argparse.Namespace) -> int:
             continue
         c = model_cost(name)
         print(f"{name:42s} {c.params_m:10.2f} {c.gmacs:8.3f}  {'x'.join(map(str, c.input_size))}")
+    return 0
+
+
+def _bench_models(names: list[str], args: argparse.Namespace) -> int:
+    from .bench import cpu_name
+    from .models.speed import bench_models, speed_markdown, write_speed_table
+
+    if args.bench == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EffVisionError("--bench cuda: no CUDA GPU is available")
+    backends = tuple(args.backend or (("torch", "ort") if args.bench == "cpu" else ("torch",)))
+    if args.bench == "cuda" and any(b.startswith("ort") for b in backends):
+        raise EffVisionError("--bench cuda: backend ort runs on the CPU here (onnxruntime-gpu is not installed)")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise EffVisionError(f"{out} exists and is not empty; choose another --out (nothing was overwritten)")
+    machine = cpu_name() if args.bench == "cpu" else __import__("torch").cuda.get_device_name()
+    rows = bench_models(names, args.bench, backends, args.batch_size, args.warmup, args.iters, args.threads)
+    print(speed_markdown(rows, backends, machine))
+    if out is not None:
+        for path in write_speed_table(rows, backends, out, machine).values():
+            print(f"wrote {path}")
     return 0
 
 
@@ -147,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list efficient backbones with params and GMACs")
     m.add_argument("--filter", help="name pattern (fnmatch, or a substring)")
     m.add_argument("--no-cost", action="store_true", help="names only (skip counting)")
+    m.add_argument("--bench", choices=["cpu", "cuda"],
+                   help="also measure each model's latency on this machine (torch and onnxruntime on the CPU)")
+    m.add_argument("--backend", nargs="+", choices=["torch", "compile", "ort", "ort-int8"],
+                   help="with --bench: backends to time (default: torch ort on cpu, torch on cuda)")
+    m.add_argument("--batch-size", type=int, default=1, help="with --bench (default 1: latency)")
+    m.add_argument("--warmup", type=int, default=5)
+    m.add_argument("--iters", type=int, default=20)
+    m.add_argument("--threads", type=int)
+    m.add_argument("--out", help="with --bench: folder for models_speed.{json,md,png}")
     m.set_defaults(fn=_cmd_models)
     return p
 

@@ -42,3 +42,9 @@ def tiny_recipe(path: Path, train: dict[str, Any] | None = None, data: dict[str,
 
 needs_shared = pytest.mark.skipif(not (SHARED / "datasets").is_dir(),
                                   reason="../shared/datasets is absent (datasets live beside the checkout)")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Per-machine caches (latency tables) go to a temporary folder, not the user's ~/.cache."""
+    os.environ["EFFVISION_CACHE"] = str(tmp_path_factory.mktemp("effvision-cache"))

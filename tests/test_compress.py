@@ -198,3 +198,73 @@ def test_macs_budget_search_lands_just_under_the_budget() -> None:
     macs, _ = model_macs_params(model, x[:1])
     assert 0.4 < macs / dense_macs <= 0.5
     assert macs / dense_macs == pytest.approx(achieved)
+
+
+def test_teacher_gets_its_own_size_and_normalization(tmp_path: Path) -> None:
+    """A teacher trained at 48x48 with ImageNet normalization, a 32x32 student normalized with 0.5/0.5:
+    the teacher sees the raw image prepared as in its own training, not the student's tensor."""
+    from effvision.compress.teacher import TeacherInput, resolve_teacher
+
+    torch.manual_seed(0)
+    t_spec = ModelSpec(name="vit_micro_patch4_32", kwargs={"img_size": 48}, img_size=48,
+                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    save_model(timm.create_model("vit_micro_patch4_32", num_classes=10, img_size=48), t_spec, tmp_path / "teacher")
+    s_spec = ModelSpec(name="vit_micro_patch4_32")  # 32x32, mean/std 0.5
+    teacher, got = resolve_teacher(str(tmp_path / "teacher"), None, s_spec)
+    assert (got.img_size, tuple(got.mean)) == (48, (0.485, 0.456, 0.406))
+    raw = torch.rand(2, 3, 32, 32)                   # images in [0, 1]
+    x = (raw - 0.5) / 0.5                            # the student's batch
+    mean, std = torch.tensor(t_spec.mean).view(1, 3, 1, 1), torch.tensor(t_spec.std).view(1, 3, 1, 1)
+    expected = (F.interpolate(raw, size=(48, 48), mode="bilinear", align_corners=False) - mean) / std
+    adapt = TeacherInput(s_spec, got)
+    torch.testing.assert_close(adapt(x), expected, atol=1e-5, rtol=1e-5)
+    spec = DistillSpec(kind="hard", alpha=1.0, feature_weight=1.0)
+    student = timm.create_model("vit_micro_patch4_32", num_classes=10)
+    wrapped = Distilled(student, teacher, spec, (3, 32, 32), (3, 48, 48))
+    term = DistillLoss(teacher, wrapped, spec, adapt)
+    terms = term(wrapped, x, torch.zeros(2, dtype=torch.long), wrapped(x))
+    with torch.no_grad():
+        expected_loss = F.cross_entropy(wrapped(x), teacher.eval()(expected).argmax(-1))
+    torch.testing.assert_close(terms["distill"].detach(), expected_loss)
+    assert TeacherInput(s_spec, s_spec).identity
+
+
+def test_timm_teacher_gets_its_default_input_size() -> None:
+    """A timm name at its own resolution (deit_tiny: 224, ImageNet mean/std) teaches a 32x32 student."""
+    from effvision.compress.teacher import TeacherInput, resolve_teacher
+
+    teacher, got = resolve_teacher("deit_tiny_patch16_224", None, ModelSpec(name="vit_micro_patch4_32"))
+    assert got.img_size == 224 and got.mean == pytest.approx((0.485, 0.456, 0.406))
+    with torch.no_grad():
+        assert teacher.eval()(TeacherInput(ModelSpec(name="vit_micro_patch4_32"), got)(torch.randn(1, 3, 32, 32))).shape == (1, 10)
+
+
+def test_unknown_names_get_suggestions_from_every_timm_model() -> None:
+    from effvision.compress.teacher import teacher_source
+    from effvision.errors import EffVisionError
+
+    with pytest.raises(EffVisionError, match="did you mean vit_tiny_patch16_224"):
+        teacher_source("vit_tiny_patch16_2244", None)
+
+
+def test_latency_search_rerun_reads_the_machine_table_and_gives_the_same_ratio() -> None:
+    """A latency budget is measured round-robin against dense, once per machine: a rerun reads the
+    table (no clock) and lands on the same architecture."""
+    from effvision.compress.budget import BudgetSpec, LatencyTable, search_ratio
+    from effvision.compress.prune import PruneSpec
+
+    model = timm.create_model("vit_micro_patch4_32", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    budget = BudgetSpec(metric="latency", backend="torch", fraction=0.7, batch_size=16, iters=2, rounds=3)
+    kinds = ["heads", "mlp", "width"]
+    first_table = LatencyTable.for_search(model, x, kinds, budget, PruneSpec())
+    assert not first_table.reused
+    first = search_ratio(model, x, kinds, budget, PruneSpec(), tries=3, table=first_table)
+    assert first_table.path.is_file() and len(first_table.entries) == 4  # max_ratio + 3 bisection steps
+    stamp = first_table.path.stat().st_mtime_ns
+    again_table = LatencyTable.for_search(model, x, kinds, budget, PruneSpec())
+    assert again_table.reused and again_table.path == first_table.path
+    assert search_ratio(model, x, kinds, budget, PruneSpec(), tries=3, table=again_table) == first
+    assert first_table.path.stat().st_mtime_ns == stamp  # nothing was measured again
+    first_table.path.write_text("{not json")              # a damaged table is measured anew, not trusted
+    assert not LatencyTable.for_search(model, x, kinds, budget, PruneSpec()).reused

@@ -388,6 +388,7 @@ def cli_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     recipe = write_recipe(root / "recipe.yaml", base_recipe())
     (root / "malformed.yaml").write_text(MALFORMED)
+    (root / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     typo = base_recipe()
     typo["stages"][0]["epocs"] = typo["stages"][0].pop("epochs")
     write_recipe(root / "typo.yaml", typo)
@@ -410,6 +411,8 @@ def cli_runs(tmp_path_factory):
             "nan_loss": ["run", str(root / "nan.yaml"), "--out", "r_nan"],  # the longest: start it first
             "malformed_yaml": ["run", str(root / "malformed.yaml"), "--out", "r_malformed"],
             "unknown_key": ["run", str(root / "typo.yaml"), "--out", "r_typo"],
+            "binary_recipe": ["run", str(root / "binary.yaml"), "--out", "r_binary"],
+            "model_typo": ["run", str(recipe), "--out", "r_typo_model", "--set", "model.name=vit_tiny_patch16_2244"],
             "unknown_model": ["run", str(recipe), "--out", "r_model", "--set", "model.name=not_a_model"],
             "missing_dataset": ["run", str(recipe), "--out", "r_data", "--set", "data.name=cifar10",
                                 "--set", "data.root=/nonexistent"],
@@ -455,6 +458,8 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
     ("malformed_yaml", ("malformed YAML", "line 5, column 17")),
     ("unknown_key", ("'stages[0].epocs'", "did you mean 'epochs'")),
     ("unknown_model", ("not_a_model",)),
+    ("binary_recipe", ("binary.yaml", "not a text (UTF-8) file")),
+    ("model_typo", ("vit_tiny_patch16_2244", "did you mean vit_tiny_patch16_224")),
     ("missing_dataset", ("/nonexistent",)),
     ("corrupt_checkpoint", ("corrupt checkpoint", "model.safetensors")),
     ("mismatched_checkpoint", ("does not match the model",)),
@@ -469,7 +474,8 @@ def test_cli_bad_input_is_one_line_exit_2(cli_runs, case, needles):
 @pytest.mark.slow
 def test_cli_config_errors_create_no_run_dir(cli_runs):
     # errors found while parsing leave nothing behind
-    for case, out in [("malformed_yaml", "r_malformed"), ("unknown_key", "r_typo")]:
+    for case, out in [("malformed_yaml", "r_malformed"), ("unknown_key", "r_typo"), ("binary_recipe", "r_binary"),
+                      ("model_typo", "r_typo_model")]:
         assert cli_runs(case)[0] == 2
         assert not (cli_runs.root / out).exists(), case
 

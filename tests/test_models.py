@@ -220,3 +220,34 @@ def test_models_cli_no_match_is_exit_2(tmp_path):
 
     assert main(["models", "--filter", "zzz_no_such_family", "--no-cost"]) == 2
     assert main(["models", "--filter", "convvit", "--no-cost"]) == 0
+
+
+def test_models_bench_measures_latency_and_writes_table_and_plot(tmp_path) -> None:
+    """`effvision models --bench cpu`: measured torch and onnxruntime latency beside params/GMACs."""
+    from effvision.models.speed import bench_models, pareto, write_speed_table
+
+    rows = bench_models(["vit_micro_patch4_32"], "cpu", ("torch", "ort"), batch_size=1, warmup=1, iters=3,
+                        progress=False)
+    (row,) = rows
+    assert row["torch_ms"] > 0 and row["ort_ms"] > 0 and row["params_m"] == pytest.approx(0.31, abs=0.01)
+    # A slower, smaller model is dominated; a faster or larger one is on the front.
+    rows.append({"model": "slow_small", "params_m": 0.1, "gmacs": 0.01, "torch_ms": row["torch_ms"] * 2})
+    rows.append({"model": "fast_large", "params_m": 5.0, "gmacs": 1.0, "torch_ms": row["torch_ms"] / 2})
+    assert pareto(rows, "torch") == ["fast_large"]
+    paths = write_speed_table(rows, ("torch", "ort"), tmp_path / "speed", "test cpu")
+    assert set(paths) == {"json", "md", "png"} and all(p.stat().st_size > 0 for p in paths.values())
+    assert "| fast_large |" in paths["md"].read_text()
+    with pytest.raises(EffVisionError, match="not empty"):
+        write_speed_table(rows, ("torch",), tmp_path / "speed", "test cpu")
+
+
+def test_macs_count_attention_on_the_cpu_as_on_meta() -> None:
+    """One MAC count whatever the device: the CPU's fused SDPA kernel is counted too."""
+    from effvision.models.catalog import count_params_macs, model_cost
+
+    model = timm.create_model("vit_micro_patch4_32")
+    _, cpu_gmacs = count_params_macs(model, (3, 32, 32))
+    assert cpu_gmacs == pytest.approx(model_cost("vit_micro_patch4_32").gmacs)
+    for block in model.blocks:  # the unfused path: explicit matmuls, counted by torch itself
+        block.attn.fused_attn = False
+    assert count_params_macs(model, (3, 32, 32))[1] == pytest.approx(cpu_gmacs)

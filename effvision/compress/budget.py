@@ -6,17 +6,30 @@ do not depend on the criterion, so the real criterion (and its calibration data)
 at the ratio found. Latency is measured on the chosen backend because fewer MACs do not
 always run faster (small or odd channel counts, memory-bound layers); measuring is the
 point of a latency budget.
+
+Latency is noisy on a shared machine, so it is measured robustly and remembered:
+- each trial alternates with the dense model call by call (load from other jobs hits both
+  alike) and its fraction is the median of the adjacent pairs' ratios;
+- every measured (ratio -> fraction) goes into a per-machine latency table (as nn-Meter and
+  HALP keep one), a JSON file keyed by model, input, kinds, backend, machine and versions,
+  under ``$EFFVISION_CACHE`` (default ``~/.cache/effvision``). A rerun on the same machine reads
+  the table instead of the clock, so the bisection takes the same path and gives the same
+  architecture.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import statistics
 import tempfile
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -25,7 +38,7 @@ from ..bench import time_calls
 from ..errors import ConfigError, EffVisionError
 from .prune import PruneSpec, model_macs_params, prune_
 
-__all__ = ["BudgetSpec", "search_ratio", "measure"]
+__all__ = ["BudgetSpec", "LatencyTable", "search_ratio", "measure", "latency_fraction"]
 
 
 @dataclass
@@ -35,64 +48,138 @@ class BudgetSpec:
     backend: Literal["torch", "ort"] = "torch"   # latency only
     device: Literal["cpu", "cuda"] = "cpu"       # latency only (ort: cpu)
     batch_size: int = 32                         # latency only
-    iters: int = 10                              # latency only: timed runs (median)
+    iters: int = 10                              # latency only: timed pairs per round
+    rounds: int = 5                              # latency only: rounds (rounds * iters pairs in all)
+    cache: bool = True                           # latency only: reuse this machine's latency table
 
     def validate(self, where: str) -> None:
         if not 0 < self.fraction < 1:
             raise ConfigError(f"{where}.fraction: {self.fraction} is outside (0, 1)")
-        if self.batch_size <= 0 or self.iters <= 0:
-            raise ConfigError(f"{where}: batch_size and iters must be positive")
+        if self.batch_size <= 0 or self.iters <= 0 or self.rounds <= 0:
+            raise ConfigError(f"{where}: batch_size, iters and rounds must be positive")
         if self.metric == "latency" and self.backend == "ort" and self.device != "cpu":
             raise ConfigError(f"{where}: backend ort measures on the cpu here")
 
 
-def _latency(model: nn.Module, shape: tuple[int, ...], budget: BudgetSpec) -> float:
-    dev = torch.device(budget.device)
+def _runner(model: nn.Module, shape: tuple[int, ...], budget: BudgetSpec, stack: ExitStack) -> Callable[[], object]:
+    """A no-argument call that runs one batch of ``model`` on the budget's backend."""
     x = torch.randn(budget.batch_size, *shape[1:])
     if budget.backend == "ort":
         import onnxruntime as ort
 
         from effvision.export import OnnxExportConfig, export_onnx
 
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             path = export_onnx(copy.deepcopy(model).eval(), Path(tmp) / "m.onnx", tuple(shape[1:]), OnnxExportConfig())
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            return _median(lambda: session.run(None, {name: x.numpy()}), budget.iters, lambda: None)
-    model = model.eval().to(dev)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name, xn = session.get_inputs()[0].name, x.numpy()
+        return lambda: session.run(None, {name: xn})
+    dev = torch.device(budget.device)
+    model = copy.deepcopy(model).eval().to(dev)
     x = x.to(dev)
+
+    def run() -> None:
+        with torch.no_grad():
+            model(x)
+    return run
+
+
+def latency_fraction(model: nn.Module, dense: nn.Module, example: torch.Tensor, budget: BudgetSpec) -> float:
+    """Latency of ``model`` over ``dense``: the two alternate call by call and the fraction is the
+    median of the adjacent pairs' ratios, so load from other jobs hits both alike."""
+    dev = torch.device(budget.device if budget.backend == "torch" else "cpu")
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        result = _median(lambda: model(x), budget.iters, sync)
-    model.cpu()
-    return result
+    with ExitStack() as stack:
+        shape = tuple(example.shape)
+        run_model, run_dense = _runner(model, shape, budget, stack), _runner(dense, shape, budget, stack)
+        for fn in (run_model, run_dense):
+            time_calls(fn, 3, 1, sync)  # warm-up
+        ratios = [time_calls(run_model, 0, 1, sync)[0] / time_calls(run_dense, 0, 1, sync)[0]
+                  for _ in range(budget.rounds * budget.iters)]
+    return statistics.median(ratios)
 
 
-def _median(fn: Callable[[], object], iters: int, sync: Callable[[], None]) -> float:
-    return statistics.median(time_calls(fn, 3, iters, sync))
+class LatencyTable:
+    """This machine's measured latency fractions for one (model, input, kinds, backend) setting,
+    as {ratio: fraction}; a JSON file that later searches read instead of the clock."""
+
+    def __init__(self, key: dict[str, Any], enabled: bool = True) -> None:
+        root = Path(os.environ.get("EFFVISION_CACHE", Path.home() / ".cache" / "effvision"))
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.key, self.enabled = key, enabled
+        self.path = root / "latency" / f"{key['model']}-{digest}.json"
+        self.entries: dict[str, float] = {}
+        if enabled and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if data.get("key") == key:
+                    self.entries = {str(k): float(v) for k, v in data["fractions"].items()}
+            except (ValueError, KeyError, TypeError):
+                self.entries = {}  # a damaged table is measured again, never trusted
+        self.reused = bool(self.entries)
+
+    @classmethod
+    def for_search(cls, model: nn.Module, example: torch.Tensor, kinds: list[str], budget: BudgetSpec,
+                   base: PruneSpec) -> "LatencyTable":
+        return cls(_table_key(model, example, kinds, budget, base), enabled=budget.cache)
+
+    def get(self, ratio: float, measure_fn: Callable[[], float]) -> float:
+        k = f"{ratio:.6f}"
+        if k not in self.entries:
+            self.entries[k] = measure_fn()
+            if self.enabled:
+                from ..io import atomic_write_text
+
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.path, json.dumps({"key": self.key, "fractions": self.entries}, indent=1))
+        return self.entries[k]
+
+
+def _table_key(model: nn.Module, example: torch.Tensor, kinds: list[str], budget: BudgetSpec,
+               base: PruneSpec) -> dict[str, Any]:
+    from ..bench import cpu_name
+    from effvision.export.manifest import package_versions
+
+    machine = torch.cuda.get_device_name() if budget.device == "cuda" and budget.backend == "torch" else cpu_name()
+    versions = package_versions()
+    shapes = hashlib.sha256(str([(n, tuple(p.shape)) for n, p in model.state_dict().items()]).encode()).hexdigest()
+    return {"model": type(model).__name__, "shapes": shapes[:16], "input": list(example.shape[1:]),
+            "batch_size": budget.batch_size, "kinds": sorted(kinds), "round_to": base.round_to,
+            "ignore": sorted(base.ignore), "backend": budget.backend, "device": budget.device,
+            "threads": torch.get_num_threads(), "machine": machine, "cores": os.cpu_count(),
+            "versions": {k: versions.get(k) for k in ("torch", "onnxruntime", "timm")}}
 
 
 def measure(model: nn.Module, example: torch.Tensor, budget: BudgetSpec) -> float:
-    if budget.metric == "latency":
-        return _latency(model, tuple(example.shape), budget)
+    """MACs or params (latency is only meaningful as a fraction: ``latency_fraction``)."""
     macs, params = model_macs_params(model, example[:1])
     return float(macs if budget.metric == "macs" else params)
 
 
 def search_ratio(model: nn.Module, example: torch.Tensor, kinds: list[str], budget: BudgetSpec,
-                 base: PruneSpec, max_ratio: float = 0.9, tries: int = 7) -> tuple[float, float]:
+                 base: PruneSpec, max_ratio: float = 0.9, tries: int = 7,
+                 table: LatencyTable | None = None) -> tuple[float, float]:
     """The smallest uniform ratio over ``kinds`` whose pruned model meets the budget.
 
     Returns (ratio, achieved fraction). Raises when even ``max_ratio`` misses the budget.
+    Latency budgets read and extend ``table`` (by default this machine's table for the setting).
     """
-    dense = measure(model, example, budget)
+    if budget.metric == "latency" and table is None:
+        table = LatencyTable.for_search(model, example, kinds, budget, base)
+    dense = measure(model, example, budget) if budget.metric != "latency" else 1.0
 
-    def fraction(ratio: float) -> float:
+    def pruned(ratio: float) -> nn.Module:
         trial = copy.deepcopy(model)
         spec = PruneSpec(ratios={k: ratio for k in kinds}, criterion="l1", round_to=base.round_to, ignore=base.ignore)
         prune_(trial, spec, example)
-        return measure(trial, example, budget) / dense
+        return trial
+
+    def fraction(ratio: float) -> float:
+        if table is not None:
+            return table.get(ratio, lambda: latency_fraction(pruned(ratio), model, example, budget))
+        return measure(pruned(ratio), example, budget) / dense
 
     top = fraction(max_ratio)
     if top > budget.fraction:

@@ -7,7 +7,10 @@
 - ``feature``: MSE between a learned linear projection of the student's pre-logit features
   and the teacher's (the input of each model's classifier, so any timm model works).
 
-The teacher runs in eval mode under no_grad, inside the trainer's autocast (bf16 on GPU).
+The teacher runs in eval mode under no_grad, inside the trainer's autocast (bf16 on GPU), on
+its own input: the student's batch resized and re-normalized to the teacher's spec
+(``effvision.compress.teacher.TeacherInput``), so a teacher trained at another size or
+normalization sees what it was trained on.
 The projection is trained with the student: ``Distilled`` wraps both, so the trainer's
 optimizer sees it, and only the student is saved.
 """
@@ -64,15 +67,16 @@ class _CaptureOut(_Capture):
 class Distilled(nn.Module):
     """Student plus the trainable parts of distillation; forward is the student's."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, spec: DistillSpec, img_shape: tuple[int, int, int]) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, spec: DistillSpec, img_shape: tuple[int, int, int],
+                 teacher_img_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         self.student = student
         self.proj: nn.Module | None = None
         if spec.feature_weight > 0:
             with torch.no_grad():
-                x = torch.zeros(2, *img_shape)
+                x, xt = torch.zeros(2, *img_shape), torch.zeros(2, *(teacher_img_shape or img_shape))
                 s_dim = student.eval().forward_head(student.forward_features(x), pre_logits=True).shape[-1]
-                t_dim = teacher.eval().forward_head(teacher.forward_features(x), pre_logits=True).shape[-1]
+                t_dim = teacher.eval().forward_head(teacher.forward_features(xt), pre_logits=True).shape[-1]
             self.proj = nn.Linear(s_dim, t_dim)  # (B, C_s) -> (B, C_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +93,10 @@ class Distilled(nn.Module):
 class DistillLoss:
     """A ``LossTerm``: (model, x, y, logits) -> {"distill": ..., "feature": ...}."""
 
-    def __init__(self, teacher: nn.Module, wrapped: Distilled, spec: DistillSpec) -> None:
+    def __init__(self, teacher: nn.Module, wrapped: Distilled, spec: DistillSpec,
+                 teacher_input: nn.Module | None = None) -> None:
         self.teacher, self.spec = teacher.eval().requires_grad_(False), spec
+        self.teacher_input = teacher_input  # student batch -> teacher's size and normalization
         student = wrapped.student
         self.dist_head = getattr(student, "head_dist", None) if spec.kind == "token" else None
         self._dist_out = _CaptureOut(self.dist_head) if self.dist_head is not None else None
@@ -99,7 +105,8 @@ class DistillLoss:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            t_logits = self.teacher(x).float()  # (B, K)
+            xt = self.teacher_input(x) if self.teacher_input is not None else x
+            t_logits = self.teacher(xt).float()  # (B, K)
         s = self.spec
         out: dict[str, torch.Tensor] = {}
         if s.kind == "soft":

@@ -28,6 +28,7 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention
 
 from ..errors import EffVisionError
+from ..models.catalog import count_macs
 from .importance import get_criterion
 
 __all__ = ["PruneSpec", "KINDS", "prune_", "kinds_of", "check_ignored", "model_macs_params"]
@@ -108,10 +109,9 @@ def check_ignored(model: nn.Module, ignore: Iterable[str]) -> list[nn.Module]:
 
 
 def model_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    was_training = model.training
-    macs, params = tp.utils.count_ops_and_params(model.eval(), example)
-    model.train(was_training)
-    return int(macs), int(params)
+    """MACs counted as in every summary (torch.utils.flop_counter, attention matmuls included;
+    Torch-Pruning's own counter leaves those out and reads 17-18% lower on ViTs)."""
+    return count_macs(model, example), sum(p.numel() for p in model.parameters())
 
 
 def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Batches | None = None,

@@ -3,6 +3,7 @@ weights, never as pickles, so any stage's model rebuilds in a fresh process."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,8 @@ def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
     import effvision.models.small_vit  # noqa: F401  (registration)
 
     if not timm.is_model(spec.name):
-        close = timm.list_models(f"*{spec.name.split('_')[0]}*")[:5]
-        hint = f"; similar: {', '.join(close)}" if close else ""
+        close = similar_model_names(spec.name)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise EffVisionError(f"unknown model '{spec.name}'{hint} (see `effvision models`)")
     try:
         model = timm.create_model(spec.name, pretrained=pretrained and not spec.pruned,
@@ -73,6 +74,11 @@ def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
 
         apply_pruned(model, spec.pruned)
     return model
+
+
+def similar_model_names(name: str, n: int = 5) -> list[str]:
+    """The registered timm names closest to ``name`` (a typo anywhere, not only in the family)."""
+    return difflib.get_close_matches(name, timm.list_models(), n=n, cutoff=0.6)
 
 
 def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path:
@@ -92,8 +98,8 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     if not spec_path.is_file() or not weights_path.is_file():
         raise EffVisionError(f"no model in {directory} (expected {SPEC_FILE} and {WEIGHTS_FILE})")
     try:
-        spec = ModelSpec.from_json(spec_path.read_text())
-    except (json.JSONDecodeError, TypeError) as e:
+        spec = ModelSpec.from_json(spec_path.read_text(encoding="utf-8"))
+    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise EffVisionError(f"corrupt model spec {spec_path}: {e}") from None
     model = create_model(spec)
     from ..compress.quantize.persist import apply_quant_spec, read_quant_spec  # quantized: fake-quant modules first

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..compress.distill import Distilled, DistillLoss, DistillSpec
-from ..compress.teacher import resolve_teacher, teacher_source
+from ..compress.teacher import TeacherInput, resolve_teacher, teacher_source
 from ..engine import Hooks, TrainConfig, Trainer
 from ..errors import ConfigError, EffVisionError
 from ..models.catalog import count_params_macs
@@ -69,13 +69,15 @@ class FinetuneStage(Stage):
         hooks, train_model = Hooks(), model
         if cfg.distill is not None:
             # Before any training: a missing teacher or one with other classes is a user error.
-            teacher = resolve_teacher(cfg.distill.teacher, ctx.run_dir, spec, cfg.distill.teacher_pretrained)
+            teacher, t_spec = resolve_teacher(cfg.distill.teacher, ctx.run_dir, spec, cfg.distill.teacher_pretrained)
             if cfg.distill.kind == "token" and not hasattr(model, "head_dist"):
                 raise EffVisionError(f"distill.kind token: {spec.name} has no distillation token (head_dist); "
                                      f"use soft or hard")
             teacher = teacher.to(ctx.device)
-            train_model = Distilled(model, teacher, cfg.distill, (spec.in_chans, spec.img_size, spec.img_size))
-            hooks.loss_terms.append(DistillLoss(teacher, train_model, cfg.distill))
+            adapt = TeacherInput(spec, t_spec).to(ctx.device)
+            train_model = Distilled(model, teacher, cfg.distill, (spec.in_chans, spec.img_size, spec.img_size),
+                                    (t_spec.in_chans, t_spec.img_size, t_spec.img_size))
+            hooks.loss_terms.append(DistillLoss(teacher, train_model, cfg.distill, None if adapt.identity else adapt))
         params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
         trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..compress.arch import describe_pruned
-from ..compress.budget import BudgetSpec, measure, search_ratio
+from ..compress.budget import BudgetSpec, LatencyTable, latency_fraction, search_ratio
 from ..compress.importance import CRITERIA
 from ..compress.prune import KINDS, PruneSpec, kinds_of, model_macs_params, prune_
 from ..engine import Hooks, TrainConfig, Trainer
@@ -88,8 +88,15 @@ def _resolve_ratios(cfg: PruneConfig, model: nn.Module, example: torch.Tensor,
     present = [k for k in cfg.budget_kinds if kinds_of(model)[k]]
     if not present:
         raise EffVisionError(f"prune.budget_kinds {cfg.budget_kinds}: {type(model).__name__} has none of them")
-    ratio, achieved = search_ratio(model, example, present, cfg.budget, cfg.spec({}), cfg.max_ratio, tries)
-    return {k: ratio if k in present else 0.0 for k in KINDS}, {"searched_ratio": ratio, "searched_fraction": achieved}
+    table = None
+    if cfg.budget.metric == "latency":
+        table = LatencyTable.for_search(model, example, present, cfg.budget, cfg.spec({}))
+    ratio, achieved = search_ratio(model, example, present, cfg.budget, cfg.spec({}), cfg.max_ratio, tries, table)
+    found: dict[str, Any] = {"searched_ratio": ratio, "searched_fraction": achieved}
+    if table is not None:
+        found.update(latency_table=str(table.path) if table.enabled else None, latency_table_reused=table.reused,
+                     latency_fractions=dict(sorted(table.entries.items())))
+    return {k: ratio if k in present else 0.0 for k in KINDS}, found
 
 
 @register_stage
@@ -139,6 +146,7 @@ class PruneStage(Stage):
                   "dense": {"macs": macs0, "params": params0}, "pruned": {"macs": macs1, "params": params1},
                   "macs_fraction": macs1 / macs0, "params_fraction": params1 / params0}
         if cfg.budget is not None and cfg.budget.metric == "latency":
-            report["latency_fraction"] = measure(model, example, cfg.budget) / measure(dense, example, cfg.budget)
+            # Measured again, round-robin, on the real criterion's model (the search used l1 copies).
+            report["latency_fraction"] = latency_fraction(model, dense, example, cfg.budget)
         atomic_write_json(ctx.stage_dir / "prune.json", report)
         return {**report, "model": spec.name, "wall_time_s": time.perf_counter() - t0}
