@@ -77,4 +77,5 @@ def _engine(model_dir: Path, precision: str) -> dict[str, Any]:
 
 def quantize_markdown(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| what | result |", "|---|---|"]
-    return lines + [f"| {r['what']} | {', '.join(f'{k}={v}' for k, v in r.items() if k != 'what')} |" for r in rows]
+    return lines + [f"| {r['what']} | {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items() if k != 'what')} |"
+                    for r in rows]
