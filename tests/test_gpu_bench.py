@@ -103,8 +103,9 @@ def test_toy_recipe_sections(tmp_path: Path, monkeypatch) -> None:
                  "--runs", str(tmp_path / "runs"), "--data", str(CIFAR), "--coco", str(COCO)]) == 0
     rec = {n: json.loads((out / f"{n}.json").read_text()) for n in ("cifar10", "galore", "prune_distill", "detection")}
     assert all(r["status"] == "ok" for r in rec.values()), rec
-    c = rec["cifar10"]["rows"][0]
+    c, t = rec["cifar10"]["rows"]
     assert c["model"] == "convvit_small_32" and c["epochs"] == 1 and c["exit_code"] == 0
+    assert t["part"] == "throughput" and t["model"] == "convvit_tiny_32" and t["steady_img_per_s"] > 0
     g = rec["galore"]["rows"]
     assert [r["part"] for r in g] == ["step", "step", "cifar10"] and g[-1]["exit_code"] == 0
     assert g[1]["state_mb"] < g[0]["state_mb"]

@@ -75,6 +75,6 @@ def test_latest_entry_per_machine_kind(tmp_path: Path) -> None:
     assert "| deit_tiny_patch16_224 | 26,000 |" in inf and "25,469" not in inf  # the latest run only
     assert "2026-12-01" in inf and "`scripts/gpu_bench.sh`" in inf
     c10 = render_block("cifar10", entries)
-    assert "| reference | convvit_small_32 | 40 | 101.0 | 21,000 | 90.50% |" in c10
+    assert "| reference | convvit_small_32 | 40 | 101.0 | 21,000 / n/a | 90.50% |" in c10
     rows = {line.split("|")[1].strip(): line for line in render_block("gpu-status", entries).splitlines()[2:]}
     assert "NVIDIA H200, 2026-12-01" in rows["cifar10"] and "**unmeasured**" in rows["galore"]  # skipped != measured
