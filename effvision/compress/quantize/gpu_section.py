@@ -76,6 +76,8 @@ def _engine(model_dir: Path, precision: str) -> dict[str, Any]:
 
 
 def quantize_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    def cell(k: str, v: Any) -> str:
+        return f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+
     lines = ["| what | result |", "|---|---|"]
-    return lines + [f"| {r['what']} | {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in r.items() if k != 'what')} |"
-                    for r in rows]
+    return lines + [f"| {r['what']} | {', '.join(cell(k, v) for k, v in r.items() if k != 'what')} |" for r in rows]
