@@ -76,7 +76,7 @@ SECTIONS: dict[str, Section] = {
                       requires=("triton",), recipes=("recipes/cifar10_vit_galore.yaml",), data=("cifar10",)),
     "quantize": Section(quantize_section, quantize_markdown, priority=40, share=0.08, min_s=30,
                         title="Quantization (deit_tiny, effvision.compress.quantize)",
-                        requires=("onnx", "onnxruntime", "onnxscript")),
+                        requires=("onnx", "onnxruntime", "onnxscript", "onnxslim")),
     "prune_distill": Section(prune_distill_section, prune_distill_markdown, priority=50, share=0.24, min_s=90,
                              title="Prune + distill, CIFAR-10 (recipes/cifar10_vit_prune_distill.yaml, 50% MACs)",
                              requires=("torch_pruning",), recipes=("recipes/cifar10_vit_prune_distill.yaml",),
