@@ -1,278 +1,268 @@
-"""The GPU figures behind scripts/gpu_bench.sh: sections that each write results/<name>.json,
-then one markdown table. Later features add sections to ``SECTIONS``.
+"""The runner behind scripts/gpu_bench.sh: every GPU figure from one call, within a time budget.
 
-    python -m effvision.gpu_bench --data .data/cifar10.tgz --out results [--sections a,b]
+    python -m effvision.gpu_bench [--budget-s 540] [--sections a,b] [--out DIR] [--check-only] [--toy]
+
+1. An environment check (seconds): torch/timm/triton versions, the GPU, and for every selected
+   section its imports, recipes (parsed, model known to timm) and data. Anything missing stops
+   the call with one line (exit 2) before the budget is spent.
+2. The sections, in ``priority`` order. The budget counts from ``GPU_BENCH_T0`` (set by
+   scripts/gpu_bench.sh before unpacking data and wheels) or from the start of this process.
+   Each section gets ``share / (sum of the shares still to run)`` of the time left, so time a
+   section does not use flows to the later ones; a section whose share is under its ``min_s``
+   is skipped (said in the output and its JSON). A section shortens itself to its share
+   (``effvision.gpu_sections.seconds_left(args)``); one that overruns its share by
+   ``GRACE_S`` is stopped (SIGALRM) and recorded as cut off.
+3. After each section: ``OUT/<name>.json`` and ``OUT/ledger.json`` (the whole call so far, in the
+   results-ledger format of ``effvision.ledger``) and ``OUT/gpu_bench.md``, so a call cut off by
+   the device's time limit still returns everything finished before.
+
+Adding a section (one line in ``SECTIONS``)::
+
+    "token_drop": Section(token_drop_section, token_drop_markdown, priority=35, share=0.10),
+
+where ``token_drop_section(args) -> list[dict]`` returns the rows (plain JSON values) and
+``token_drop_markdown(rows) -> list[str]`` the table lines. ``args`` has ``data`` (CIFAR-10
+folder or .tar.gz), ``coco``, ``runs`` (folder for run dirs), ``stamp`` (timestamp string),
+``toy`` (run at toy size on the CPU: the section's CPU test calls it so), ``budget_s`` (this
+section's seconds) and ``deadline`` (``time.time()`` it must end by). ``requires`` (module names)
+and ``recipes`` (paths) are checked up front; ``min_s`` is the least time worth starting with.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import subprocess
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .bench import benchmark
+from .compress.quantize.gpu_section import quantize_markdown, quantize_section
+from .gpu_sections import (cifar10_markdown, cifar10_section, detection_markdown, detection_section,
+                           inference_markdown, inference_section, prune_distill_markdown, prune_distill_section)
 from .optim.gpu_section import galore_markdown, galore_section
-from .runinfo import run_environment
 
-__all__ = ["SECTIONS", "main"]
+__all__ = ["Section", "SECTIONS", "main", "check_environment", "plan_order"]
 
-# Inference models (baselines.md's table); compiled too where the baseline has a compiled figure.
-INFERENCE_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224", "efficientvit_b1",
-                    "mobilenetv3_large_100", "mobilenetv4_conv_small", "resnet50", "convnext_tiny")
-COMPILED_MODELS = ("deit_small_patch16_224", "efficientvit_b1", "resnet50")
+GRACE_S = 20.0  # a section past its share by this much is stopped
 
 
-def inference(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
-    for name in INFERENCE_MODELS:
-        for backend in ("torch", "compile") if name in COMPILED_MODELS else ("torch",):
-            r = benchmark(name, backend, "cuda", 256, img_size=224, warmup=5, iters=15, amp="bf16",
-                          channels_last=True)
-            print(f"  {name:28s} {backend:8s} {r['img_per_s']:9.0f} img/s", flush=True)
-            rows.append(r)
-    return rows
+@dataclass(frozen=True)
+class Section:
+    run: Callable[[argparse.Namespace], list[dict[str, Any]]]
+    markdown: Callable[[list[dict[str, Any]]], list[str]]
+    priority: int                     # lower runs first
+    share: float                      # relative weight of the time budget
+    title: str = ""
+    min_s: float = 10.0               # skipped when its share of the time left is below this
+    requires: tuple[str, ...] = ()    # importable modules it needs beyond torch/timm
+    recipes: tuple[str, ...] = ()     # recipes it runs: parsed and their models resolved up front
+    data: tuple[str, ...] = ()        # "cifar10" and/or "coco": must exist before the call starts
 
 
-def cifar10(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The CIFAR-10 reference recipe, and any variants given with --cifar-variant."""
-    rows = []
-    variants = [("reference", [])] + [(v, v.split()) for v in args.cifar_variant]
-    for label, sets in variants:
-        run_dir = Path(args.runs) / f"cifar10-{args.stamp}-{len(rows)}"  # fresh per invocation: no stale skips
-        cmd = [sys.executable, "-m", "effvision", "run", "recipes/cifar10_vit_tiny.yaml", "--out", str(run_dir),
-               "--set", f"data.root={args.data}"]
-        for s in sets:
-            cmd += ["--set", s]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd)
-        wall = time.perf_counter() - t0
-        summary_path = run_dir / "01-train" / "summary.json"  # the figure: training, whatever later stages did
-        if not summary_path.is_file():
-            rows.append({"variant": label, "error": f"exit {proc.returncode}", "wall_s": wall})
-            continue
-        s = json.loads(summary_path.read_text())
-        rows.append({"variant": label, "model": s.get("model"), "epochs": s.get("epochs"), "top1": s.get("top1"),
-                     "train_time_s": s.get("train_time_s"), "train_img_per_s": s.get("train_img_per_s"),
-                     "gmacs": s.get("gmacs"), "params_m": s.get("params_m"), "wall_s": wall,
-                     "exit_code": proc.returncode})
-        print(f"  cifar10 {label}: {s.get('top1')}% in {s.get('train_time_s')} s", flush=True)
-    return rows
-
-
-def _pycocotools_path() -> str | None:
-    """A folder holding pycocotools for the recipe's process: none needed if this Python has it,
-    else the wheel(s) in .data/wheels unpacked to .data/pylib (a wheel is a zip; nothing is
-    installed into the machine's Python)."""
-    import importlib.util
-    import zipfile
-
-    if importlib.util.find_spec("pycocotools") is not None:
-        return None
-    wheels = sorted(Path(".data/wheels").glob("pycocotools-*.whl"))
-    if not wheels:
-        raise RuntimeError("pycocotools is missing: put its wheel in .data/wheels (see README, Detection)")
-    target = Path(".data/pylib")
-    for wheel in wheels:
-        zipfile.ZipFile(wheel).extractall(target)
-    return str(target.resolve())
-
-
-def detection(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """recipes/detection_coco128.yaml: Faster R-CNN overfitting coco128 (target bbox mAP@0.5 > 0.5)."""
-    import os
-    import tarfile
-
-    coco = Path(args.coco)
-    if coco.suffix == ".tgz":
-        if not (Path(".data") / "coco128").is_dir():
-            with tarfile.open(coco) as tar:
-                tar.extractall(".data", filter="data")
-        coco = Path(".data") / "coco128"
-    env = dict(os.environ)
-    extra = _pycocotools_path()
-    if extra:
-        env["PYTHONPATH"] = os.pathsep.join([extra, env.get("PYTHONPATH", "")])
-    run_dir = Path(args.runs) / f"detection-{args.stamp}"
-    cmd = [sys.executable, "-m", "effvision", "run", "recipes/detection_coco128.yaml", "--out", str(run_dir),
-           "--set", f"stages.0.data.root={coco}", "--set", f"stages.1.data.root={coco}"]
-    for item in args.detection_set:
-        cmd += ["--set", item]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env)
-    wall = time.perf_counter() - t0
-    train_path, eval_path = run_dir / "01-train_detection" / "summary.json", run_dir / "02-eval_detection" / "summary.json"
-    if not (train_path.is_file() and eval_path.is_file()):
-        return [{"error": f"exit {proc.returncode}", "wall_s": wall}]
-    t, e = json.loads(train_path.read_text()), json.loads(eval_path.read_text())
-    row = {"detector": t["detector"], "backbone": t["backbone"], "steps": t["steps"],
-           "train_time_s": t["train_time_s"], "train_img_per_s": t["train_img_per_s"],
-           "loss_first": t["loss_first"], "loss_last": t["loss_last"], "bbox_mAP": e["bbox_mAP"],
-           "bbox_mAP50": e["bbox_mAP50"], "target_met": e["bbox_mAP50"] > 0.5, "wall_s": wall,
-           "exit_code": proc.returncode}
-    print(f"  detection: bbox mAP@0.5 {row['bbox_mAP50']:.3f} (target > 0.5) after {row['steps']} steps", flush=True)
-    return [row]
-def quantize(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from .compress.quantize.gpu_section import quantize_section
-
-    return quantize_section(args)
-
-
-PRUNE_CRITERIA = ("taylor", "l2", "obd")
-
-
-def prune_distill(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """recipes/cifar10_vit_prune_distill.yaml (criterion taylor), then l2 and obd pruned from the
-    same dense model: accuracy at 50% MACs and bf16 img/s, pruned vs dense."""
-    import copy
-
-    import yaml
-
-    rows = []
-    first = Path(args.runs) / f"prune-{args.stamp}-taylor"
-    recipe = yaml.safe_load(Path("recipes/cifar10_vit_prune_distill.yaml").read_text())
-    recipe["data"]["root"] = args.data
-    for criterion in PRUNE_CRITERIA:
-        run_dir = Path(args.runs) / f"prune-{args.stamp}-{criterion}"
-        r = copy.deepcopy(recipe)
-        if criterion != PRUNE_CRITERIA[0]:  # reuse the first run's dense model as start and teacher
-            dense = str((first / "01-train" / "model").resolve())
-            r["model"]["init_from"] = dense
-            r["stages"] = [s for s in r["stages"] if s["type"] != "train"]
-            for s in r["stages"]:
-                if s["type"] == "finetune":
-                    s["distill"]["teacher"] = dense
-                if s["type"] == "bench":
-                    s.pop("baseline", None)
-        for s in r["stages"]:
-            if s["type"] == "prune":
-                s["criterion"] = criterion
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir.with_suffix(".yaml")
-        path.write_text(yaml.safe_dump(r, sort_keys=False))
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "effvision", "run", str(path), "--out", str(run_dir)])
-        row: dict[str, Any] = {"criterion": criterion, "exit_code": proc.returncode, "wall_s": time.perf_counter() - t0}
-        for d in sorted(run_dir.glob("*/summary.json")):
-            s = json.loads(d.read_text())
-            kind = s.get("stage")
-            if kind == "train":
-                row.update(dense_top1=s.get("top1"), dense_train_s=s.get("train_time_s"))
-            elif kind == "prune":
-                row.update(macs_fraction=s.get("macs_fraction"), params_fraction=s.get("params_fraction"))
-            elif kind == "finetune":
-                row.update(pruned_top1=s.get("top1"), finetune_s=s.get("train_time_s"))
-            elif kind == "bench":
-                row.update(pruned_img_s=s["results"][0]["img_per_s"], speedup=s.get("speedup_vs_baseline", {}).get("torch"))
-        rows.append(row)
-        print(f"  prune_distill {criterion}: {row}", flush=True)
-    return rows
-
-
-SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
-    "inference": inference,
-    "cifar10": cifar10,
-    "detection": detection,
-    "galore": galore_section,
-    "quantize": quantize,
-    "prune_distill": prune_distill,
+SECTIONS: dict[str, Section] = {
+    "cifar10": Section(cifar10_section, cifar10_markdown, priority=10, share=0.45, min_s=150,
+                       title="CIFAR-10 reference recipe (recipes/cifar10_vit_tiny.yaml, train stage), "
+                             "convvit_tiny_32 throughput",
+                       recipes=("recipes/cifar10_vit_tiny.yaml",), data=("cifar10",)),
+    "inference": Section(inference_section, inference_markdown, priority=20, share=0.10, min_s=20,
+                         title="Inference (bf16, batch 256, 224x224, channels_last, median of 15)"),
+    "galore": Section(galore_section, galore_markdown, priority=30, share=0.14, min_s=40,
+                      title="GaLore (vit_base_patch16_224, bf16 autocast; rank 128, T 200, scale 0.25)",
+                      requires=("triton",), recipes=("recipes/cifar10_vit_galore.yaml",), data=("cifar10",)),
+    "quantize": Section(quantize_section, quantize_markdown, priority=40, share=0.08, min_s=30,
+                        title="Quantization (deit_tiny, effvision.compress.quantize)",
+                        requires=("onnx", "onnxruntime", "onnxscript", "onnxslim")),
+    "prune_distill": Section(prune_distill_section, prune_distill_markdown, priority=50, share=0.24, min_s=90,
+                             title="Prune + distill, CIFAR-10 (recipes/cifar10_vit_prune_distill.yaml, 50% MACs)",
+                             requires=("torch_pruning",), recipes=("recipes/cifar10_vit_prune_distill.yaml",),
+                             data=("cifar10",)),
+    "detection": Section(detection_section, detection_markdown, priority=60, share=0.10, min_s=60,
+                         title="Detection pipeline check (recipes/detection_coco128.yaml, coco128)",
+                         requires=("pycocotools",), recipes=("recipes/detection_coco128.yaml",), data=("coco",)),
 }
 
 
-def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> str:
-    gpu = env["hardware"].get("gpu", {}).get("name", "no GPU")
-    lines = ["# effvision GPU figures\n", f"GPU: {gpu}; torch {env['versions'].get('torch')}, "
-             f"timm {env['versions'].get('timm')}; command: scripts/gpu_bench.sh\n"]
-    if "inference" in results:
-        lines += ["## Inference (bf16, batch 256, 224x224, channels_last, median of 15)\n",
-                  "| model | backend | img/s | p50 ms |", "|---|---|---|---|"]
-        lines += [f"| {r['target']} | {r['backend']} | {r['img_per_s']:,.0f} | {r['latency_ms_p50']:.2f} |"
-                  for r in results["inference"]]
-        lines.append("")
-    if "cifar10" in results:
-        lines += ["## CIFAR-10 time to accuracy (recipes/cifar10_vit_tiny.yaml)\n",
-                  "| variant | model | epochs | train time (s) | img/s | test top-1 |", "|---|---|---|---|---|---|"]
-        for r in results["cifar10"]:
-            if "error" in r:
-                lines.append(f"| {r['variant']} | failed: {r['error']} | | | | |")
-            else:
-                top1 = f"{r['top1']:.2f}%" if r.get("top1") is not None else "n/a"
-                lines.append(f"| {r['variant']} | {r['model']} | {r['epochs']} | {r['train_time_s']:.1f} | "
-                             f"{r['train_img_per_s']:,.0f} | {top1} |")
-        lines.append("")
-    if "detection" in results:
-        lines += ["## Detection pipeline check (recipes/detection_coco128.yaml, train and eval on coco128)\n",
-                  "| detector | backbone | steps | train time (s) | img/s | loss first -> last | bbox mAP | mAP@0.5 |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in results["detection"]:
-            if "error" in r:
-                lines.append(f"| failed: {r['error']} | | | | | | | |")
-            else:
-                lines.append(f"| {r['detector']} | {r['backbone']} | {r['steps']} | {r['train_time_s']:.1f} | "
-                             f"{r['train_img_per_s']:.1f} | {r['loss_first']:.2f} -> {r['loss_last']:.2f} | "
-                             f"{r['bbox_mAP']:.3f} | {r['bbox_mAP50']:.3f} |")
-        lines.append("")
-    if results.get("galore"):
-        lines += galore_markdown(results["galore"])
-    if "quantize" in results:
-        lines += ["## Quantization (deit_tiny, effvision.compress.quantize)\n", "| what | result |", "|---|---|"]
-        lines += [f"| {r['what']} | {', '.join(f'{k}={v}' for k, v in r.items() if k != 'what')} |"
-                  for r in results["quantize"]]
-    if "prune_distill" in results:
-        lines += ["## Prune + distill, CIFAR-10 (recipes/cifar10_vit_prune_distill.yaml, 50% MACs)\n",
-                  "| criterion | dense top-1 | pruned top-1 | MACs | bf16 img/s pruned | speedup vs dense |",
-                  "|---|---|---|---|---|---|"]
-        for r in results["prune_distill"]:
-            lines.append(f"| {r['criterion']} | {r.get('dense_top1', '')} | {r.get('pruned_top1', 'failed')} | "
-                         f"{r.get('macs_fraction', '')} | {r.get('pruned_img_s', '')} | {r.get('speedup', '')} |")
-        lines.append("")
+def plan_order(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: SECTIONS[n].priority)
+
+
+def _has_module(name: str) -> bool:
+    if importlib.util.find_spec(name) is not None:
+        return True
+    # pycocotools may come as a wheel in .data/wheels, unpacked by the detection section itself
+    return name == "pycocotools" and any(Path(".data/wheels").glob("pycocotools-*.whl"))
+
+
+def check_environment(names: list[str], args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """(facts, problems): versions and device, then what each section needs. Imports nothing heavy
+    beyond torch/timm; recipes are parsed with the strict recipe parser."""
+    import timm
+    import torch
+
+    from .recipe import load_recipe
+
+    facts: dict[str, Any] = {"torch": torch.__version__, "timm": timm.__version__,
+                             "python": sys.version.split()[0]}
+    problems: list[str] = []
+    spec = importlib.util.find_spec("triton")
+    facts["triton"] = __import__("triton").__version__ if spec is not None else None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        facts["gpu"] = {"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1),
+                        "capability": f"{p.major}.{p.minor}", "driver_cuda": torch.version.cuda}
+    elif not args.toy:
+        problems.append("no CUDA GPU visible to torch (use --toy for a CPU run at toy size)")
+    for name in names:
+        sec = SECTIONS[name]
+        for mod in sec.requires:
+            if args.toy and mod == "triton":
+                continue  # the CPU path runs the PyTorch references
+            if not _has_module(mod):
+                problems.append(f"section {name} needs the Python module '{mod}' (carry its wheel in .data/wheels)")
+        for recipe in sec.recipes:
+            try:
+                r = load_recipe(recipe)
+            except Exception as e:  # ConfigError, YAML or file errors: all one line
+                problems.append(f"section {name}: recipe {recipe}: {e}")
+                continue
+            if r.model.name and not timm.is_model(r.model.name):
+                problems.append(f"section {name}: recipe {recipe}: unknown model '{r.model.name}'")
+        for d in sec.data:
+            path = Path(args.data if d == "cifar10" else args.coco)
+            if not path.exists():
+                problems.append(f"section {name} needs {d} at {path}")
+    return facts, problems
+
+
+class _CutOff(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _CutOff()
+
+
+def _run_section(name: str, args: argparse.Namespace, budget_s: float) -> dict[str, Any]:
+    """One section with its share; the record written to OUT/<name>.json."""
+    sec = SECTIONS[name]
+    args.budget_s, args.deadline = budget_s, time.time() + budget_s
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"status": "ok", "budget_s": round(budget_s, 1), "rows": []}
+    use_alarm = hasattr(signal, "setitimer")
+    if use_alarm:
+        old = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, budget_s + GRACE_S)
+    try:
+        record["rows"] = sec.run(args)
+    except _CutOff:
+        record["status"] = "cut off"
+        print(f"== {name}: cut off after {budget_s + GRACE_S:.0f} s (its share {budget_s:.0f} s)", flush=True)
+    except Exception as e:  # one broken section must not hide the others' figures
+        record.update(status="failed", error=f"{type(e).__name__}: {e}")
+        print(f"== {name} failed: {record['error']}", flush=True)
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    record["wall_s"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+def markdown(records: dict[str, dict[str, Any]], entry: dict[str, Any]) -> str:
+    lines = ["# effvision GPU figures\n", f"{entry['machine']}, {entry['date']}; torch "
+             f"{entry['environment']['versions'].get('torch')}, timm {entry['environment']['versions'].get('timm')}; "
+             f"command: {entry['command']}\n"]
+    for name, rec in records.items():
+        sec = SECTIONS[name]
+        lines.append(f"## {sec.title or name}\n")  # the markdown function gives the table alone
+        if rec["status"] == "skipped":
+            lines += [f"skipped: {rec['reason']}", ""]
+            continue
+        if rec["status"] != "ok":
+            lines.append(f"{rec['status']}{': ' + rec['error'] if 'error' in rec else ''}\n")
+        if rec["rows"]:
+            lines += sec.markdown(rec["rows"]) + [""]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=".data/cifar10.tgz", help="CIFAR-10 ImageFolder or its .tar.gz")
-    p.add_argument("--out", help="results folder (default results/<timestamp>; an existing folder is refused)")
+    p.add_argument("--out", help="results folder (default results/<timestamp>; an existing non-empty one is refused)")
     p.add_argument("--runs", default="runs/gpu_bench")
     p.add_argument("--coco", default=".data/coco128.tgz", help="coco128 folder or its .tgz (detection section)")
     p.add_argument("--detection-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the detection recipe, e.g. stages.0.epochs=100")
-    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated; run in priority order")
     p.add_argument("--cifar-variant", action="append", default=[],
-                   help="extra CIFAR-10 run: space-separated --set overrides, e.g. 'model.name=convvit_tiny_32'")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_bench: no CUDA GPU available", file=sys.stderr)
+                   help="extra CIFAR-10 run: space-separated overrides, e.g. 'model.name=convvit_tiny_32'")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="seconds for the whole call, counted from $GPU_BENCH_T0 (set by gpu_bench.sh) if given")
+    p.add_argument("--mirror", help="also keep ledger.json and gpu_bench.md current in this folder (e.g. the "
+                   "device tool's $OUT, which returns at most 8 files)")
+    p.add_argument("--check-only", action="store_true", help="run the environment check and stop")
+    p.add_argument("--toy", action="store_true", help="CPU, toy sizes: what the tests run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .ledger import make_entry
+
+    args = _parser().parse_args(argv)
+    t0 = float(os.environ.get("GPU_BENCH_T0") or time.time())
+    names = [n for n in args.sections.split(",") if n]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        print(f"gpu_bench: unknown section '{unknown[0]}' (known: {', '.join(SECTIONS)})", file=sys.stderr)
         return 2
+    names = plan_order(names)
+    facts, problems = check_environment(names, args)
+    print("gpu_bench: " + ", ".join(f"{k} {v}" for k, v in facts.items()), flush=True)
+    if problems:
+        print(f"gpu_bench: environment check failed: {'; '.join(problems)}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        print(f"gpu_bench: environment ok for {', '.join(names)}")
+        return 0
     args.stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"results/{args.stamp}")
     if out.exists() and any(out.iterdir()):
         print(f"gpu_bench: {out} exists and is not empty; choose another --out", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    env = run_environment()
-    (out / "environment.json").write_text(json.dumps(env, indent=2))
-    results = {}
-    for name in args.sections.split(","):
-        if name not in SECTIONS:
-            print(f"gpu_bench: unknown section '{name}' (known: {', '.join(SECTIONS)})", file=sys.stderr)
-            return 2
-        print(f"== {name}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            results[name] = SECTIONS[name](args)
-        except Exception as e:  # one broken section must not hide the others' figures
-            print(f"section {name} failed: {type(e).__name__}: {e}", flush=True)
-            results[name] = []
-        (out / f"{name}.json").write_text(json.dumps(results[name], indent=2))
-        print(f"== {name} took {time.perf_counter() - t0:.0f} s", flush=True)
-    (out / "gpu_bench.md").write_text(markdown(results, env))
-    print(markdown(results, env))
+    command = "scripts/gpu_bench.sh " + " ".join(argv if argv is not None else sys.argv[1:])
+    entry = make_entry(command.strip(), source="gpu_bench")
+    (out / "environment.json").write_text(json.dumps(entry["environment"], indent=2))
+    records: dict[str, dict[str, Any]] = {}
+    deadline = t0 + args.budget_s
+    for i, name in enumerate(names):
+        left = deadline - time.time()
+        weights = sum(SECTIONS[n].share for n in names[i:])
+        share = left * SECTIONS[name].share / weights
+        if share < SECTIONS[name].min_s:
+            records[name] = {"status": "skipped", "reason": f"{share:.0f} s of {left:.0f} s left would be its share, "
+                             f"it needs at least {SECTIONS[name].min_s:.0f} s", "rows": []}
+            print(f"== {name}: skipped ({records[name]['reason']})", flush=True)
+        else:
+            print(f"== {name} (share {share:.0f} s of {left:.0f} s left)", flush=True)
+            records[name] = _run_section(name, args, share)
+            print(f"== {name} took {records[name]['wall_s']:.0f} s", flush=True)
+        (out / f"{name}.json").write_text(json.dumps(records[name], indent=2))
+        entry["sections"] = records
+        (out / "ledger.json").write_text(json.dumps(entry, indent=1))
+        (out / "gpu_bench.md").write_text(markdown(records, entry))
+        if args.mirror:
+            Path(args.mirror).mkdir(parents=True, exist_ok=True)
+            for f in ("ledger.json", "gpu_bench.md"):
+                (Path(args.mirror) / f).write_text((out / f).read_text())
+    print(markdown(records, entry))
+    print(f"gpu_bench: {time.time() - t0:.0f} s of {args.budget_s:.0f} s; results in {out} "
+          f"(add to the ledger: python -m effvision.ledger add {out / 'ledger.json'})")
     return 0
 
 

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Reproduces effvision's GPU figures on one GPU in at most ~8 minutes, data decode and
-# compiles included: results/<timestamp>/*.json and gpu_bench.md (or --out DIR).
+# Every GPU figure from one call, within --budget-s seconds (default 540, this script's data
+# and wheel unpacking included): an environment check first (one line and exit 2 if something
+# is missing), then every section in priority order, each with its share of the time left;
+# results/<timestamp>/ (or --out DIR) gets <section>.json, ledger.json and gpu_bench.md after
+# every section. File the results with: python -m effvision.ledger add DIR/ledger.json
 #
 # Runs on a machine's own python3 (torch, timm, onnxruntime installed) with this checkout on
 # PYTHONPATH; nothing is installed. Data: one packed archive of CIFAR-10's ImageFolder,
 #   tar czf .data/cifar10.tgz -C ../shared/datasets cifar10      (about 20 MB)
 # Extra arguments go to python -m effvision.gpu_bench (e.g. --sections inference).
 set -euo pipefail
+export GPU_BENCH_T0=${GPU_BENCH_T0:-$(date +%s.%N)}  # the budget counts from here
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # Packages that machine's python3 lacks (torch-pruning, pycocotools) travel as wheels in

@@ -45,8 +45,11 @@ class StageContext:
         for d in stage_dirs(self.run_dir, before=self.index):
             if (d / MODEL_DIR / "model.json").is_file():
                 return d / MODEL_DIR
-        if not required:
+        if not required:  # train/finetune/detection build from model.init_from themselves
             return None
+        init = self.recipe.model.init_from
+        if init and (Path(init) / "model.json").is_file():  # e.g. a prune stage first, on a saved model
+            return Path(init)
         raise EffVisionError(f"stage {self.stage_dir.name} needs a model, but no earlier stage made one "
                              f"(put a 'train' stage, or set model.init_from, before it)")
 
