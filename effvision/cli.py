@@ -16,7 +16,8 @@ from .errors import EffVisionError
 __all__ = ["main", "build_parser"]
 
 EXPORT_FORMATS = {"onnx": "ONNX for onnxruntime and TensorRT (QDQ when quantized)",
-                  "tensorrt": "ONNX plus a TensorRT engine (or build_engine.sh where TensorRT is missing)"}
+                  "tensorrt": "ONNX plus a TensorRT engine (or build_engine.sh where TensorRT is missing)",
+                  "openvino": "ONNX plus OpenVINO IR (model.xml/.bin; INT8 from the QDQ graph when quantized)"}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -151,7 +152,8 @@ EXAMPLES = {
 examples:
   effvision export runs/quick                                # newest model -> ONNX, parity-checked
   effvision export runs/quick --format tensorrt --profile 1,8,32
-  effvision export runs/quick/03-quantize/model --target ort-cpu""",
+  effvision export runs/quick/03-quantize/model --target ort-cpu
+  effvision export runs/quick --format openvino              # + model.xml/.bin, parity vs onnxruntime""",
     "bench": """examples:
   effvision bench deit_tiny_patch16_224 --backend torch ort --batch-size 32
   effvision bench runs/quick --backend ort ort-int8 --json bench.json
@@ -207,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = _sub(sub, "bench", "inference throughput and latency")
     b.add_argument("target", help="timm model name, model dir, run dir or .onnx file")
-    b.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "compile", "ort", "ort-int8"],
-                   help="one or more; ort-int8 needs a quantized model")
+    b.add_argument("--backend", nargs="+", default=["torch"],
+                   choices=["torch", "compile", "ort", "ort-int8", "openvino", "openvino-int8"],
+                   help="one or more; *-int8 need a quantized model; openvino needs the openvino package")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ort runs on the cpu")
     b.add_argument("--batch-size", type=int, default=32, help="images per call")
     b.add_argument("--img-size", type=int, help="input size (default: the model's own)")
