@@ -60,7 +60,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         print(json.dumps(export_for_target(model_dir, out, args), indent=2))
         return 0
-    cfg = OnnxExportConfig(opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol)
+    cfg = OnnxExportConfig(opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
+                           dynamic_hw=args.dynamic_hw)
     result = export_model_dir(model_dir, out, cfg, args.format)
     print(json.dumps(result, indent=2))
     return 0
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=18, help="ONNX opset")
     x.add_argument("--out", help="output folder (default: RUN_DIR/export-<format>-opset<N>)")
     x.add_argument("--static-batch", action="store_true", help="fix the batch axis to 1")
+    x.add_argument("--dynamic-hw", action="store_true",
+                   help="height and width dynamic too (multiples of 32; CNNs, ViTs built with dynamic_img_size)")
     x.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed vs PyTorch (fp32)")
     x.set_defaults(fn=_cmd_export)
 

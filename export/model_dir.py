@@ -55,7 +55,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
     out_dir.mkdir(parents=True, exist_ok=True)
     path = export_onnx(model, out_dir / ONNX_FILE, shape, cfg)
     try:
-        parity = check_parity(model, path, shape, cfg.parity_batch_sizes, cfg.atol)
+        parity = check_parity(model, path, shape, cfg.parity_batch_sizes, cfg.atol, sizes=cfg.parity_sizes(shape))
     except EffVisionError:
         path.replace(path.with_suffix(".onnx.failed-parity"))  # keep it for inspection, never as model.onnx
         raise
@@ -63,5 +63,8 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
         "format": "onnx", "opset": cfg.opset, "model": spec.name, "source": str(model_dir),
         **classifier_io(spec, tuple(shape), cfg.dynamic_batch), "parity": parity,
     }
+    if cfg.dynamic_hw:
+        info["input"]["shape"][2:] = [f"height (multiple of {cfg.hw_multiple})", f"width (multiple of {cfg.hw_multiple})"]
+        info["parity"]["sizes"] = cfg.parity_sizes(shape)
     write_manifest(out_dir, [ONNX_FILE], info)
     return {"onnx": str(path), **{k: info[k] for k in ("opset", "model")}, "parity": parity}
