@@ -25,7 +25,8 @@ from .models.io import SPEC_FILE, load_model
 
 __all__ = ["benchmark", "BACKENDS", "resolve_target"]
 
-BACKENDS = ("torch", "compile", "ort", "ort-int8")  # ort-int8: a quantized model's QDQ ONNX
+# ort-int8 / openvino-int8: a quantized model's QDQ ONNX; openvino: the ONNX converted to OpenVINO IR
+BACKENDS = ("torch", "compile", "ort", "ort-int8", "openvino", "openvino-int8")
 
 
 def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
@@ -103,15 +104,16 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
     kind, model_dir, onnx_path = resolve_target(target)
     result: dict[str, Any] = {"target": target, "backend": backend, "device": str(dev), "batch_size": batch_size,
                               "warmup": warmup, "iters": iters, "threads": torch.get_num_threads()}
-    if backend == "ort-int8":
+    if backend in ("ort-int8", "openvino-int8"):
         from .compress.quantize.bench import quantized_onnx
 
         onnx_path, tmp_int8 = quantized_onnx(target, model_dir)
         with tmp_int8:
             times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev,
-                                      threads)
-    elif backend == "ort":
-        times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev, threads)
+                                      threads, backend.split("-")[0])
+    elif backend in ("ort", "openvino"):
+        times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev, threads,
+                                  backend)
     else:
         model, shape = _torch_model(target, kind, model_dir, img_size)
         model = model.eval().to(dev)
@@ -148,11 +150,13 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
 
 
 def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path | None, img_size: int | None,
-               batch_size: int, warmup: int, iters: int, dev: torch.device, threads: int | None):
+               batch_size: int, warmup: int, iters: int, dev: torch.device, threads: int | None,
+               runtime: str = "ort"):
+    """Times an ONNX graph (the target's, or its fp32 export) in onnxruntime or OpenVINO (CPU)."""
     import onnxruntime as ort
 
     if dev.type != "cpu":
-        raise EffVisionError("backend ort runs on the CPU here (onnxruntime-gpu is not installed)")
+        raise EffVisionError(f"backend {runtime} runs on the CPU here")
     tmp = None
     if onnx_path is None:
         from effvision.export import OnnxExportConfig, export_onnx
@@ -177,7 +181,14 @@ def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
                              f"{inp.shape[0]} or export with a dynamic batch")
     shape = tuple(dims)
     x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
-    times = time_calls(lambda: session.run(None, {inp.name: x}), warmup, iters, lambda: None)
+    if runtime == "openvino":
+        from effvision.export.openvino import convert_to_openvino, openvino_session
+
+        with tempfile.TemporaryDirectory() as ir_dir:
+            compiled = openvino_session(convert_to_openvino(onnx_path, ir_dir), threads)
+        times = time_calls(lambda: compiled(x), warmup, iters, lambda: None)
+    else:
+        times = time_calls(lambda: session.run(None, {inp.name: x}), warmup, iters, lambda: None)
     if tmp is not None:
         tmp.cleanup()
     return times, shape

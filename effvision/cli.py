@@ -9,10 +9,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import EffVisionError
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+EXPORT_FORMATS = {"onnx": "ONNX for onnxruntime and TensorRT (QDQ when quantized)",
+                  "tensorrt": "ONNX plus a TensorRT engine (or build_engine.sh where TensorRT is missing)",
+                  "openvino": "ONNX plus OpenVINO IR (model.xml/.bin; INT8 from the QDQ graph when quantized)"}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -55,7 +60,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         print(json.dumps(export_for_target(model_dir, out, args), indent=2))
         return 0
-    cfg = OnnxExportConfig(opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol)
+    cfg = OnnxExportConfig(opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
+                           dynamic_hw=args.dynamic_hw)
     result = export_model_dir(model_dir, out, cfg, args.format)
     print(json.dumps(result, indent=2))
     return 0
@@ -123,64 +129,114 @@ def _bench_models(names: list[str], args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="effvision", description="Train, compress, export and benchmark vision models.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each option's default shown (unless it is unset or the help names it); examples kept as written."""
 
-    r = sub.add_parser("run", help="run a recipe's stages into a run directory")
-    r.add_argument("recipe")
-    r.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS, []) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+EXAMPLES = {
+    "run": """examples:
+  effvision run recipes/quickstart.yaml --out runs/quick
+  effvision run recipes/quickstart.yaml --set stages.train.epochs=5 --set data.batch_size=64
+  effvision run recipes/quickstart.yaml --out runs/quick --resume     # continue an interrupted stage
+  torchrun --nproc_per_node 2 -m effvision run recipes/quickstart.yaml # DDP""",
+    "eval": """examples:
+  effvision eval runs/quick
+  effvision eval runs/quick --tta-flip""",
+    "export": """formats: onnx (fp32, parity-checked in onnxruntime; QDQ int8/fp8 for a quantized model),
+  tensorrt (ONNX for TensorRT plus an engine when tensorrt imports, else build_engine.sh)
+examples:
+  effvision export runs/quick                                # newest model -> ONNX, parity-checked
+  effvision export runs/quick --format tensorrt --profile 1,8,32
+  effvision export runs/quick/03-quantize/model --target ort-cpu
+  effvision export runs/quick --format openvino              # + model.xml/.bin, parity vs onnxruntime""",
+    "bench": """examples:
+  effvision bench deit_tiny_patch16_224 --backend torch ort --batch-size 32
+  effvision bench runs/quick --backend ort ort-int8 --json bench.json
+  effvision bench model.onnx --backend ort --batch-size 1""",
+    "models": """examples:
+  effvision models --filter deit
+  effvision models --filter "mobilenetv4_*" --bench cpu --out speed/   # measured latency + plot""",
+}
+
+
+def _sub(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name], formatter_class=_Help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="effvision", description="Train, compress, export and benchmark vision models.",
+                                epilog="`effvision COMMAND --help` shows each command's options and examples.",
+                                formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"effvision {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = _sub(sub, "run", "run a recipe's stages into a run directory")
+    r.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    r.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. stages.train.epochs=5 or data.batch_size=64")
     r.add_argument("--resume", action="store_true", help="continue an interrupted stage")
     r.set_defaults(fn=_cmd_run)
 
-    e = sub.add_parser("eval", help="evaluate a run's newest model on its recipe's eval split")
-    e.add_argument("run_dir")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.add_argument("--tta-flip", action="store_true")
+    e = _sub(sub, "eval", "evaluate a run's newest model on its recipe's eval split")
+    e.add_argument("run_dir", help="a run directory made by `effvision run`")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to evaluate")
+    e.add_argument("--tta-flip", action="store_true", help="average with the horizontally flipped images")
     e.set_defaults(fn=_cmd_eval)
 
-    x = sub.add_parser("export", help="export a run's newest model (or a model dir)")
-    x.add_argument("run_dir")
-    x.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"])
+    x = _sub(sub, "export", "export a run's newest model (or a model dir)")
+    x.add_argument("run_dir", help="a run directory (its newest model) or a model directory")
+    x.add_argument("--format", default="onnx", choices=list(EXPORT_FORMATS),
+                   help="; ".join(f"{k}: {v}" for k, v in EXPORT_FORMATS.items()))
     x.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
                    help="auto: the model's own (int8/fp8 QDQ when quantized, else fp32)")
     x.add_argument("--target", choices=["tensorrt", "jetpack5", "ort-cpu"],
                    help="runtime the graph is for (default: the quantized model's, else tensorrt)")
     x.add_argument("--profile", default="1,8,32", help="TensorRT batch profile MIN,OPT,MAX")
-    x.add_argument("--opset", type=int, default=18)
-    x.add_argument("--out", help="output folder (default RUN_DIR/export-<format>-opset<N>)")
+    x.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    x.add_argument("--out", help="output folder (default: RUN_DIR/export-<format>-opset<N>)")
     x.add_argument("--static-batch", action="store_true", help="fix the batch axis to 1")
+    x.add_argument("--dynamic-hw", action="store_true",
+                   help="height and width dynamic too (multiples of 32; CNNs, ViTs built with dynamic_img_size)")
     x.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed vs PyTorch (fp32)")
     x.set_defaults(fn=_cmd_export)
 
-    b = sub.add_parser("bench", help="inference throughput and latency")
+    b = _sub(sub, "bench", "inference throughput and latency")
     b.add_argument("target", help="timm model name, model dir, run dir or .onnx file")
-    b.add_argument("--backend", nargs="+", default=["torch"], choices=["torch", "compile", "ort", "ort-int8"])
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--img-size", type=int)
-    b.add_argument("--warmup", type=int, default=10)
-    b.add_argument("--iters", type=int, default=50)
-    b.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    b.add_argument("--channels-last", action="store_true")
-    b.add_argument("--threads", type=int)
-    b.add_argument("--json", help="write results to this JSON file")
+    b.add_argument("--backend", nargs="+", default=["torch"],
+                   choices=["torch", "compile", "ort", "ort-int8", "openvino", "openvino-int8"],
+                   help="one or more; *-int8 need a quantized model; openvino needs the openvino package")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ort runs on the cpu")
+    b.add_argument("--batch-size", type=int, default=32, help="images per call")
+    b.add_argument("--img-size", type=int, help="input size (default: the model's own)")
+    b.add_argument("--warmup", type=int, default=10, help="untimed calls first")
+    b.add_argument("--iters", type=int, default=50, help="timed calls (median reported)")
+    b.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="auto: bf16 on cuda")
+    b.add_argument("--channels-last", action="store_true", help="NHWC memory format (CNNs on GPUs)")
+    b.add_argument("--threads", type=int, help="CPU threads (default: torch's/onnxruntime's own)")
+    b.add_argument("--json", help="write results to this JSON file (must not exist)")
     b.set_defaults(fn=_cmd_bench)
 
-    m = sub.add_parser("models", help="list efficient backbones with params and GMACs")
+    m = _sub(sub, "models", "list efficient backbones with params and GMACs (and measured latency)")
     m.add_argument("--filter", help="name pattern (fnmatch, or a substring)")
     m.add_argument("--no-cost", action="store_true", help="names only (skip counting)")
     m.add_argument("--bench", choices=["cpu", "cuda"],
                    help="also measure each model's latency on this machine (torch and onnxruntime on the CPU)")
     m.add_argument("--backend", nargs="+", choices=["torch", "compile", "ort", "ort-int8"],
                    help="with --bench: backends to time (default: torch ort on cpu, torch on cuda)")
-    m.add_argument("--batch-size", type=int, default=1, help="with --bench (default 1: latency)")
-    m.add_argument("--warmup", type=int, default=5)
-    m.add_argument("--iters", type=int, default=20)
-    m.add_argument("--threads", type=int)
+    m.add_argument("--batch-size", type=int, default=1, help="with --bench (1: latency)")
+    m.add_argument("--warmup", type=int, default=5, help="with --bench: untimed calls first")
+    m.add_argument("--iters", type=int, default=20, help="with --bench: timed calls (median reported)")
+    m.add_argument("--threads", type=int, help="with --bench: CPU threads")
     m.add_argument("--out", help="with --bench: folder for models_speed.{json,md,png}")
     m.set_defaults(fn=_cmd_models)
     return p

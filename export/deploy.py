@@ -22,7 +22,7 @@ from effvision.models.io import load_model
 
 from .manifest import classifier_io, write_manifest
 from .onnx import OnnxExportConfig, ParityError, export_onnx
-from .tensorrt_check import check_tensorrt, raise_if_incompatible
+from .tensorrt_check import check_tensorrt, op_list_used, raise_if_incompatible
 
 __all__ = ["DeployConfig", "export_deployable", "PRECISIONS", "TARGET_PLATFORMS"]
 
@@ -187,6 +187,8 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
         "source": str(model_dir), "quantization": quant,
         **classifier_io(spec, tuple(shape), cfg.dynamic_batch), "parity": checks,
     }
+    if platform is not None:
+        info["tensorrt_check"] = op_list_used(platform)
     write_manifest(out_dir, ["model.onnx"], info)
     kept = checks.get("onnxslim", {}).get("kept", True) and "onnxslim" in checks
     return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,

@@ -26,7 +26,7 @@ def package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for name in ("effvision", "torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "tensorrt"):
+    for name in ("effvision", "torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxscript", "tensorrt", "openvino"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

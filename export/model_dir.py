@@ -17,9 +17,27 @@ ONNX_FILE = "model.onnx"
 
 def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExportConfig,
                      fmt: str = "onnx") -> dict[str, Any]:
-    """model dir -> out_dir/{model.onnx, manifest.json}; refuses to overwrite an existing export."""
-    if fmt != "onnx":
-        raise EffVisionError(f"unknown export format '{fmt}' (available: onnx)")
+    """model dir -> out_dir/{model.onnx, manifest.json} (``openvino``: also model.xml/.bin from that
+    ONNX, parity-checked against onnxruntime); refuses to overwrite an existing export."""
+    if fmt not in ("onnx", "openvino"):
+        raise EffVisionError(f"unknown export format '{fmt}' (available: onnx, openvino)")
+    if fmt == "openvino":
+        from .openvino import require_openvino
+
+        require_openvino()  # missing OpenVINO is an error before any work
+        result = export_model_dir(model_dir, out_dir, cfg, "onnx")
+        _, spec = load_model(model_dir)
+        from .openvino import add_openvino
+        from effvision.compress.quantize import read_quant_spec
+
+        int8 = read_quant_spec(model_dir) is not None
+        try:
+            result.update(add_openvino(out_dir, (spec.in_chans, spec.img_size, spec.img_size),
+                                       cfg.parity_batch_sizes, cfg.atol, int8))
+        except EffVisionError:
+            Path(out_dir, ONNX_FILE).replace(Path(out_dir, ONNX_FILE + ".failed-openvino"))
+            raise
+        return result
     from effvision.compress.quantize import read_quant_spec
 
     quant = read_quant_spec(model_dir)
@@ -37,7 +55,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
     out_dir.mkdir(parents=True, exist_ok=True)
     path = export_onnx(model, out_dir / ONNX_FILE, shape, cfg)
     try:
-        parity = check_parity(model, path, shape, cfg.parity_batch_sizes, cfg.atol)
+        parity = check_parity(model, path, shape, cfg.parity_batch_sizes, cfg.atol, sizes=cfg.parity_sizes(shape))
     except EffVisionError:
         path.replace(path.with_suffix(".onnx.failed-parity"))  # keep it for inspection, never as model.onnx
         raise
@@ -45,5 +63,8 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
         "format": "onnx", "opset": cfg.opset, "model": spec.name, "source": str(model_dir),
         **classifier_io(spec, tuple(shape), cfg.dynamic_batch), "parity": parity,
     }
+    if cfg.dynamic_hw:
+        info["input"]["shape"][2:] = [f"height (multiple of {cfg.hw_multiple})", f"width (multiple of {cfg.hw_multiple})"]
+        info["parity"]["sizes"] = cfg.parity_sizes(shape)
     write_manifest(out_dir, [ONNX_FILE], info)
     return {"onnx": str(path), **{k: info[k] for k in ("opset", "model")}, "parity": parity}

@@ -34,6 +34,14 @@ class OnnxExportConfig:
     dynamic_batch: bool = True
     parity_batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
     atol: float = 1e-4   # fp32 max abs error allowed between PyTorch and onnxruntime
+    dynamic_hw: bool = False  # height and width dynamic too (multiples of hw_multiple), where the model allows
+    hw_multiple: int = 32
+
+    def parity_sizes(self, input_shape: tuple[int, int, int]) -> list[tuple[int, int]]:
+        """(H, W) the parity check runs at: the export size, and with dynamic H/W a second,
+        non-square one, so a graph that specialised to one size fails the check."""
+        h, w = input_shape[1:]
+        return [(h, w), (h + self.hw_multiple, w + 2 * self.hw_multiple)] if self.dynamic_hw else [(h, w)]
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig,
@@ -46,7 +54,16 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
     path = Path(path)
     model = model.eval().float().cpu()
     example = torch.randn(2 if cfg.dynamic_batch else 1, *input_shape)  # batch 1 is what a static graph takes
-    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if cfg.dynamic_batch else None
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)} if cfg.dynamic_batch else {}
+    if cfg.dynamic_hw:
+        m = cfg.hw_multiple
+        if input_shape[1] % m or input_shape[2] % m:
+            raise EffVisionError(f"dynamic height/width: the export size {input_shape[1]}x{input_shape[2]} is not a "
+                                 f"multiple of {m}")
+        # Sizes stay multiples of the backbone's stride: H = m * h (torch.export derived dims).
+        dims[2] = m * torch.export.Dim("height_blocks", min=1, max=8192 // m)
+        dims[3] = m * torch.export.Dim("width_blocks", min=1, max=8192 // m)
+    dynamic = (dims,) if dims else None
     log = io.StringIO()
     # The exporter prints progress to stdout; keep the CLI's output to what the user asked for.
     with warnings.catch_warnings(), contextlib.redirect_stdout(log):
@@ -58,6 +75,10 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
                                         custom_translation_table=translations)
         except Exception as e:  # the exporter raises many types; the user needs the first line
             root = e.__cause__ or e
+            if cfg.dynamic_hw:
+                raise EffVisionError(f"ONNX export with dynamic height/width failed ({type(model).__name__} may only "
+                                     f"run at a fixed size; ViTs need dynamic_img_size=True): "
+                                     f"{str(root).strip().splitlines()[0]}") from None
             raise EffVisionError(f"ONNX export failed: {type(root).__name__}: {str(root).strip().splitlines()[0]}") from None
     tmp = path.with_name(path.name + ".tmp")
     program.save(str(tmp))
@@ -66,8 +87,10 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
 
 
 def check_parity(model: nn.Module, onnx_path: str | Path, input_shape: tuple[int, int, int],
-                 batch_sizes: list[int], atol: float, seed: int = 0) -> dict[str, Any]:
-    """Max abs error of onnxruntime vs PyTorch (fp32, CPU) at each batch size; raises above atol."""
+                 batch_sizes: list[int], atol: float, seed: int = 0,
+                 sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Max abs error of onnxruntime vs PyTorch (fp32, CPU) at each batch size (and each (H, W)
+    of ``sizes``, default the export size); raises above atol."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -76,17 +99,23 @@ def check_parity(model: nn.Module, onnx_path: str | Path, input_shape: tuple[int
     fixed = session.get_inputs()[0].shape[0]
     if isinstance(fixed, int):  # a static batch axis runs at its own size only
         batch_sizes = [fixed]
-    errors = {}
-    for b in batch_sizes:
-        x = torch.randn(b, *input_shape, generator=g)
+    errors: dict[Any, float] = {}
+    runs = [(b, hw) for hw in (sizes or [tuple(input_shape[1:])]) for b in batch_sizes]
+    for b, hw in runs:
+        x = torch.randn(b, input_shape[0], *hw, generator=g)
         with torch.no_grad():
             refs = model(x)
         refs = refs if isinstance(refs, (tuple, list)) else (refs,)  # several outputs: compare each
-        outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        errors[b] = 0.0
+        try:
+            outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        except Exception as e:  # onnxruntime's own error types: a graph fixed to another size, say
+            raise ParityError(f"onnxruntime cannot run the exported graph at batch {b}, size {hw[0]}x{hw[1]}: "
+                              f"{str(e).strip().splitlines()[0][:200]}") from None
+        errors[b] = errors.get(b, 0.0)
         for ref, out in zip((r.numpy() for r in refs), outs):
             if out.shape != ref.shape:
-                raise ParityError(f"onnxruntime output shape {out.shape} != PyTorch {ref.shape} at batch {b}")
+                raise ParityError(f"onnxruntime output shape {out.shape} != PyTorch {ref.shape} at batch {b}, "
+                                  f"size {hw[0]}x{hw[1]}")
             errors[b] = max(errors[b], float(np.abs(out - ref).max()))
     worst = max(errors.values())
     if not worst <= atol:

@@ -16,10 +16,7 @@ from onnx import numpy_helper
 
 from effvision.errors import EffVisionError
 
-__all__ = ["Violation", "check_tensorrt", "TensorRTCompatError", "supported_ops", "TRT_OPSETS"]
-
-# opset ranges by deployment target: TensorRT 8.5 (JetPack 5) reads up to opset 17, TensorRT 10 up to 20.
-TRT_OPSETS = {"jetpack5": (9, 17), "tensorrt10": (9, 20)}
+__all__ = ["Violation", "check_tensorrt", "TensorRTCompatError", "supported_ops", "op_list_used", "TRT_OPSETS"]
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _OK_QTYPES = {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT8E4M3FN}
 
@@ -40,7 +37,20 @@ class Violation:
 
 @cache
 def supported_ops() -> dict[str, Any]:
+    """The op list (regenerate with scripts/tensorrt_ops_from_md.py from onnx-tensorrt's operators.md)."""
     return json.loads((Path(__file__).parent / "data" / "tensorrt_ops.json").read_text())
+
+
+# opset ranges by deployment target: TensorRT 8.5 (JetPack 5) reads up to opset 17; current TensorRT
+# what its op list says.
+TRT_OPSETS = {"jetpack5": (9, 17), "tensorrt10": (supported_ops()["opset_min"], supported_ops()["opset_max"])}
+
+
+def op_list_used(platform: str = "tensorrt10") -> dict[str, Any]:
+    """Which list a check used, for manifests: TensorRT version, opset range, source."""
+    data = supported_ops()
+    return {"platform": platform, "op_list_tensorrt": data["tensorrt"], "opsets": list(TRT_OPSETS[platform]),
+            "op_list_source": data["source"]}
 
 
 def check_tensorrt(model: onnx.ModelProto | str | Path, platform: str = "tensorrt10") -> list[Violation]:

@@ -196,3 +196,15 @@ def test_backbone_onnx_export_runs_inside_the_detector(tmp_path: Path) -> None:
     with pytest.raises(EffVisionError, match="does not fit"):
         export_backbone(tmp_path / "det", tmp_path / "onnx2", size=(100, 100))
     shutil.rmtree(tmp_path / "onnx2", ignore_errors=True)
+
+
+def test_backbone_export_with_dynamic_height_and_width(tmp_path: Path) -> None:
+    """A backbone + FPN exported once runs at any size the detector resizes its images to."""
+    from effvision.detection.export import export_backbone
+
+    det, spec = _small_detector("fasterrcnn")
+    save_detector(det, spec, tmp_path / "det")
+    result = export_backbone(tmp_path / "det", tmp_path / "onnx", size=(128, 160), dynamic_hw=True)
+    assert result["dynamic_hw"] and result["parity"]["max_abs_error"] <= 1e-3
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert "multiple of" in manifest["input"]["shape"][2]

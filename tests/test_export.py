@@ -76,3 +76,20 @@ def test_cli_export_refuses_to_overwrite(model_dir: Path, tmp_path: Path) -> Non
     assert r.returncode == 2
     assert r.stderr.strip().startswith("effvision: error:") and "exists already" in r.stderr
     assert (out / "model.onnx").read_bytes() == before
+
+
+def test_dynamic_height_width_export(tmp_path: Path) -> None:
+    """--dynamic-hw: a CNN's graph runs at any multiple of 32, checked at two sizes; a ViT with a
+    fixed img_size cannot, and says so in one line."""
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet10t", img_size=64)
+    save_model(timm.create_model("resnet10t", num_classes=10), spec, tmp_path / "cnn")
+    cfg = OnnxExportConfig(parity_batch_sizes=[1], dynamic_hw=True)
+    result = export_model_dir(tmp_path / "cnn", tmp_path / "cnn-onnx", cfg)
+    assert result["parity"]["max_abs_error"] <= 1e-4
+    manifest = json.loads((tmp_path / "cnn-onnx" / "manifest.json").read_text())
+    assert manifest["parity"]["sizes"] == [[64, 64], [96, 128]] and "multiple of 32" in manifest["input"]["shape"][2]
+    sess = ort.InferenceSession(str(tmp_path / "cnn-onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": np.zeros((2, 3, 160, 32), np.float32)})[0].shape == (2, 10)
+    with pytest.raises(EffVisionError, match="dynamic height/width"):
+        export_model_dir(tmp_path / "cnn", tmp_path / "bad", OnnxExportConfig(dynamic_hw=True, hw_multiple=48))

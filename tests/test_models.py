@@ -251,3 +251,22 @@ def test_macs_count_attention_on_the_cpu_as_on_meta() -> None:
     for block in model.blocks:  # the unfused path: explicit matmuls, counted by torch itself
         block.attn.fused_attn = False
     assert count_params_macs(model, (3, 32, 32))[1] == pytest.approx(cpu_gmacs)
+
+
+def test_model_dir_loads_in_timm_itself(tmp_path) -> None:
+    """A model dir is also a timm hub folder: timm.create_model('local-dir:DIR', pretrained=True)
+    gives the same outputs and preprocessing as effvision's loader."""
+    from effvision.models.io import ModelSpec, load_model, save_model
+
+    for name, kwargs in [("vit_micro_patch4_32", {}), ("deit_tiny_patch16_224", {"img_size": 32, "depth": 1})]:
+        spec = ModelSpec(name=name, kwargs=kwargs, num_classes=7, mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2),
+                         class_names=[f"c{i}" for i in range(7)])
+        save_model(timm.create_model(name, num_classes=7, **kwargs), spec, tmp_path / name)
+        ours, _ = load_model(tmp_path / name)
+        theirs = timm.create_model(f"local-dir:{tmp_path / name}", pretrained=True)
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(theirs.eval()(x), ours.eval()(x))
+        data = timm.data.resolve_data_config(model=theirs)
+        assert data["input_size"] == (3, 32, 32) and data["mean"] == pytest.approx((0.4, 0.4, 0.4))
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("vit_micro_patch4_32", pretrained=True)  # no weights source: a clear error

@@ -177,6 +177,8 @@ def test_tensorrt_int8_export(tmp_path: Path) -> None:
     assert r["parity"]["max_rel_error"] <= 0.05
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["quantization"]["target"] == "tensorrt"
+    # which TensorRT op list the check used is on record
+    assert manifest["tensorrt_check"]["op_list_tensorrt"] == "10.15" and manifest["tensorrt_check"]["opsets"] == [9, 24]
     from effvision.export import sha256
 
     assert manifest["files"]["model.onnx"]["sha256"] == sha256(out / "model.onnx")

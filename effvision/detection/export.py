@@ -42,8 +42,10 @@ def default_export_size(spec: DetectorSpec, divisor: int) -> tuple[int, int]:
 
 
 def export_backbone(detector_dir: str | Path, out_dir: str | Path, size: tuple[int, int] | None = None,
-                    opset: int = 18, atol: float = 1e-3) -> dict[str, Any]:
-    """detector dir -> out_dir/{backbone.onnx, manifest.json}; refuses to overwrite."""
+                    opset: int = 18, atol: float = 1e-3, dynamic_hw: bool = False) -> dict[str, Any]:
+    """detector dir -> out_dir/{backbone.onnx, manifest.json}; refuses to overwrite. With
+    ``dynamic_hw`` the graph takes any height and width that are multiples of the backbone's
+    divisor (checked at the export size and a second, non-square one)."""
     from effvision.export import OnnxExportConfig, check_parity, export_onnx, write_manifest
 
     out_dir = Path(out_dir)
@@ -55,29 +57,36 @@ def export_backbone(detector_dir: str | Path, out_dir: str | Path, size: tuple[i
     if h % body.divisor or w % body.divisor or (body.fixed_size and (h, w) != body.fixed_size):
         raise EffVisionError(f"export size {h}x{w} does not fit backbone {body.spec.name} "
                              f"(multiples of {body.divisor}{', only ' + str(body.fixed_size) if body.fixed_size else ''})")
-    # Fixed H, W; a dynamic batch axis, since the detector batches its images in one tensor.
-    cfg = OnnxExportConfig(opset=opset, dynamic_batch=True, parity_batch_sizes=[1, 2], atol=atol)
+    if dynamic_hw and body.fixed_size:
+        raise EffVisionError(f"dynamic_hw: backbone {body.spec.name} only runs at {body.fixed_size}")
+    # A dynamic batch axis, since the detector batches its images in one tensor; H, W as asked.
+    cfg = OnnxExportConfig(opset=opset, dynamic_batch=True, parity_batch_sizes=[1, 2], atol=atol,
+                           dynamic_hw=dynamic_hw, hw_multiple=math.lcm(32, body.divisor))
     out_dir.mkdir(parents=True, exist_ok=True)
     model = _Maps(body).eval()
     path = export_onnx(model, out_dir / BACKBONE_ONNX, (3, h, w), cfg, output_names=body.names)
     try:
-        parity = check_parity(model, path, (3, h, w), cfg.parity_batch_sizes, atol)
+        parity = check_parity(model, path, (3, h, w), cfg.parity_batch_sizes, atol, sizes=cfg.parity_sizes((3, h, w)))
     except EffVisionError:
         path.replace(path.with_suffix(".onnx.failed-parity"))  # kept for inspection, never as backbone.onnx
         raise
     with torch.no_grad():
         shapes = [["batch", *m.shape[1:]] for m in model(torch.zeros(1, 3, h, w))]
+    hw_names = [f"height (multiple of {cfg.hw_multiple})", f"width (multiple of {cfg.hw_multiple})"]
+    if dynamic_hw:
+        shapes = [[*s[:2], f"height / {st}", f"width / {st}"] for s, st in zip(shapes, body.strides)]
     info = {
         "format": "onnx", "opset": opset, "part": "backbone+neck", "detector": spec.kind,
         "backbone": spec.backbone["name"], "source": str(detector_dir),
-        "input": {"name": "input", "shape": ["batch", 3, h, w], "dtype": "float32", "layout": "NCHW",
+        "input": {"name": "input", "shape": ["batch", 3, *(hw_names if dynamic_hw else (h, w))], "dtype": "float32",
+                  "layout": "NCHW",
                   "preprocessing": "the detector's transform: resize to this size, (x/255 - mean) / std",
                   "mean": list(body.spec.mean), "std": list(body.spec.std)},
         "outputs": [{"name": n, "shape": s, "stride": st} for n, s, st in zip(body.names, shapes, body.strides)],
         "parity": parity,
     }
     write_manifest(out_dir, [BACKBONE_ONNX], info)
-    return {"onnx": str(path), "size": [h, w], "parity": parity}
+    return {"onnx": str(path), "size": [h, w], "dynamic_hw": dynamic_hw, "parity": parity}
 
 
 class OnnxBackbone(nn.Module):

@@ -18,10 +18,12 @@ from safetensors.torch import load_file, save_file
 from ..errors import EffVisionError
 from ..io import atomic_write_text
 
-__all__ = ["ModelSpec", "create_model", "save_model", "load_model", "SPEC_FILE", "WEIGHTS_FILE"]
+__all__ = ["ModelSpec", "create_model", "save_model", "load_model", "timm_config", "SPEC_FILE", "WEIGHTS_FILE",
+           "TIMM_CONFIG_FILE"]
 
 SPEC_FILE = "model.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # also the name timm's hub layout uses
+TIMM_CONFIG_FILE = "config.json"    # timm's hub layout: timm.create_model("local-dir:DIR", pretrained=True)
 
 
 @dataclass
@@ -88,8 +90,31 @@ def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(directory / WEIGHTS_FILE)
+    atomic_write_text(directory / TIMM_CONFIG_FILE, json.dumps(timm_config(spec), indent=2))
     atomic_write_text(directory / SPEC_FILE, spec.to_json())
     return directory
+
+
+def timm_config(spec: ModelSpec) -> dict[str, Any]:
+    """The model dir's ``config.json`` in timm's hub layout (architecture, num_classes, label
+    names, model_args and pretrained_cfg with the input size and normalization), so timm and
+    tools built on it load a dense model dir as ``timm.create_model("local-dir:DIR",
+    pretrained=True)``. Written here rather than by timm's ``save_config_for_hf``, whose
+    arguments differ across the timm 1.0.x releases effvision supports. A pruned model's
+    shapes are not a timm architecture: ``effvision.models.load_model(DIR)`` rebuilds it."""
+    cfg: dict[str, Any] = {
+        "architecture": spec.name,
+        "num_classes": spec.num_classes,
+        "model_args": {**spec.kwargs, "in_chans": spec.in_chans},
+        "pretrained_cfg": {"input_size": [spec.in_chans, spec.img_size, spec.img_size], "mean": list(spec.mean),
+                           "std": list(spec.std), "crop_pct": 1.0, "interpolation": "bilinear",
+                           "num_classes": spec.num_classes},
+    }
+    if spec.class_names:
+        cfg["label_names"] = list(spec.class_names)
+    if spec.pruned:
+        cfg["effvision"] = {"pruned": True, "load_with": "effvision.models.load_model(DIR)"}
+    return cfg
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:

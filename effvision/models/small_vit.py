@@ -39,11 +39,18 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _has_weights_source(cfg: Any) -> bool:
+    """A pretrained_cfg naming weights: a trained model dir (timm's local-dir:) or a hub repo."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    return cfg is not None and not isinstance(cfg, str) and any(get(k) for k in ("file", "hf_hub_id", "url"))
+
+
 def _vit(model_name: str, pretrained: bool, defaults: dict[str, Any], **kwargs: Any) -> VisionTransformer:
-    if pretrained:
-        raise ValueError(f"{model_name} has no pretrained weights; train it with an effvision recipe")
+    if pretrained and not _has_weights_source(kwargs.get("pretrained_cfg")):
+        raise ValueError(f"{model_name} has no pretrained weights; train it with an effvision recipe "
+                         f"(then timm.create_model('local-dir:RUN/NN-train/model', pretrained=True) loads it)")
     args = {"img_size": 32, **defaults, **kwargs}
-    return build_model_with_cfg(VisionTransformer, model_name, pretrained=False, **args)
+    return build_model_with_cfg(VisionTransformer, model_name, pretrained=pretrained, **args)
 
 
 @register_model

@@ -159,6 +159,7 @@ class ExportDetectionConfig:
     size: list[int] | None = None    # (H, W); default: the detector's fixed size, else min_size square
     opset: int = 18
     atol: float = 1e-3               # fp32 max abs error on the feature maps (values of order 1-10)
+    dynamic_hw: bool = False         # any height/width that is a multiple of the backbone's divisor
 
     def validate(self, where: str) -> None:
         if self.size is not None and (len(self.size) != 2 or min(self.size) <= 0):
@@ -175,4 +176,4 @@ class ExportDetectionStage(Stage):
 
         cfg = self.cfg
         return export_backbone(previous_detector_dir(self.ctx), self.ctx.stage_dir,
-                               tuple(cfg.size) if cfg.size else None, cfg.opset, cfg.atol)
+                               tuple(cfg.size) if cfg.size else None, cfg.opset, cfg.atol, cfg.dynamic_hw)
