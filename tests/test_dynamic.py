@@ -3,6 +3,7 @@ spec, ONNX export with onnxruntime parity and the TensorRT op check, and bad inp
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import onnx
 import pytest
@@ -86,3 +87,13 @@ def test_persist_and_export(tmp_path, cfg):
     assert not ops & {"ScatterElements", "ScatterND", "Scatter"}, ops
     assert "TopK" in ops
     assert check_tensorrt(graph) == []
+
+
+def test_stage_preflight_rejects_before_the_run(tmp_path):
+    """A merge count too large for the recipe's model fails the CLI's preflight: exit 2, no run dir."""
+    from effvision.cli import main
+
+    out = tmp_path / "run"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart_tome.yaml"
+    rc = main(["run", str(recipe), "--out", str(out), "--set", "stages.1.r=40"])
+    assert rc == 2 and not out.exists()
