@@ -22,9 +22,6 @@ __all__ = ["ReduceTokensConfig", "ReduceTokensStage"]
 class ReduceTokensConfig(TokenReduceConfig):
     type: str = "reduce_tokens"
 
-    def validate(self, where: str) -> None:  # type: ignore[override]
-        super().validate(where)
-
 
 @register_stage
 class ReduceTokensStage(Stage):
