@@ -42,6 +42,9 @@ class ModelSpec:
     # Pruned models: tensor shapes and module attributes that differ from the dense model
     # (effvision.compress.arch); None for a dense model.
     pruned: dict[str, Any] | None = None
+    # Model transforms re-applied in order after pruning, before quantization
+    # (effvision.models.transforms): [{"name": registered name, **params}, ...]
+    transforms: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -75,6 +78,10 @@ def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
         from ..compress.arch import apply_pruned
 
         apply_pruned(model, spec.pruned)
+    if spec.transforms:
+        from .transforms import apply_transforms
+
+        apply_transforms(model, spec.transforms)
     return model
 
 
