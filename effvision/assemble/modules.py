@@ -136,11 +136,11 @@ def assemble_modules(dirs: list[Path]) -> tuple[nn.Module, ModelSpec, dict]:
     if have != list(range(modules)):
         missing = sorted(set(range(modules)) - set(have))
         dup = sorted({i for i in have if have.count(i) > 1})
-        raise EffVisionError(f"assemble needs modules 0..{modules - 1} once each: "
-                             + (f"missing {missing}" if missing else f"duplicated {dup}"))
+        parts = ([f"missing {missing}"] if missing else []) + ([f"duplicated {dup}"] if dup else [])
+        raise EffVisionError(f"assemble needs modules 0..{modules - 1} once each: {', '.join(parts)}")
     spec = ModelSpec(**first["target"])
     model = create_model(spec)
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     for info in infos:
         state.update(load_file(str(info["dir"] / WEIGHTS_FILE)))
     model.load_state_dict(state, strict=True)
