@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .bench import benchmark
+from .assemble.gpu_section import assemble_markdown, assemble_section
 from .optim.gpu_section import galore_markdown, galore_section
 from .runinfo import run_environment
 
@@ -181,6 +182,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "galore": galore_section,
     "quantize": quantize,
     "prune_distill": prune_distill,
+    "assemble": assemble_section,
 }
 
 
@@ -219,6 +221,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> s
         lines.append("")
     if results.get("galore"):
         lines += galore_markdown(results["galore"])
+    if results.get("assemble"):
+        lines += assemble_markdown(results["assemble"])
     if "quantize" in results:
         lines += ["## Quantization (deit_tiny, effvision.compress.quantize)\n", "| what | result |", "|---|---|"]
         lines += [f"| {r['what']} | {', '.join(f'{k}={v}' for k, v in r.items() if k != 'what')} |"

@@ -108,3 +108,17 @@ def test_meta_incubate_assemble_finetune_recipe(tmp_path: Path) -> None:
     r = cli("run", str(recipe), "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "modules: 3 does not divide the target's 4 blocks" in r.stderr, r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_gpu_section_runs_at_toy_size(tmp_path: Path) -> None:
+    """The gpu_bench section's plumbing on the CPU (digits, a 2-block target, K = 2)."""
+    import argparse
+
+    from effvision.assemble.gpu_section import assemble_markdown, assemble_section
+
+    rows = assemble_section(argparse.Namespace(data="unused", runs=str(tmp_path), stamp="t", toy=True))
+    assert [r["variant"] for r in rows] == ["end to end", "assembled K=2"]
+    assert all(r["exit_code"] == 0 and r["top1"] is not None for r in rows), rows
+    assert 0.7 < rows[1]["compute"] < 1.3 and rows[1]["wall_k_machines_s"] <= rows[1]["train_s"]
+    assert "assembled K=2" in "\n".join(assemble_markdown(rows))
