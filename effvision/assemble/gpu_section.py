@@ -17,13 +17,13 @@ def assemble_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     train = {k: v for k, v in recipe.pop("stages")[0].items() if k not in ("type", "epochs")}
     recipe["data"]["root"] = str(args.data)
     epochs, modules = 40, [2, 3]
-    if getattr(args, "toy", False):  # CPU check of the section's plumbing: digits, 2 blocks, 2 epochs
+    if getattr(args, "toy", False):  # CPU check of the section's plumbing: digits, 2 blocks, 4 epochs
         recipe.update(device="cpu")
         recipe["model"]["kwargs"]["depth"] = 2
-        recipe["data"] = {"name": "digits", "batch_size": 64, "limit_train": 128, "limit_eval": 64}
+        recipe["data"] = {"name": "digits", "batch_size": 32, "limit_train": 64, "limit_eval": 32}
         train.update(compile=False, channels_last=False, amp="off", optimizer={"name": "adamw", "lr": 1e-3}, log_every=1,
                      scheduler={"name": "cosine", "warmup_epochs": 0})
-        epochs, modules = 2, [2]
+        epochs, modules = 4, [2]
     depth = recipe["model"]["kwargs"].get("depth", 6)
     return compare_assembled(recipe, train, epochs, depth, modules, Path(args.runs), f"assemble-{args.stamp}")
 
