@@ -20,7 +20,7 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 def test_recipe_parses_and_builds_its_model(path: Path) -> None:
     recipe = load_recipe(path)
     # finetune: distilled from scratch
-    assert recipe.stages and recipe.stages[0].type in ("train", "train_detection", "finetune")
+    assert recipe.stages and recipe.stages[0].type in ("train", "train_detection", "finetune", "meta")  # meta: assembling
     model = create_model(recipe_spec(recipe))
     assert sum(p.numel() for p in model.parameters()) > 0
 

@@ -5,5 +5,7 @@ from . import finetune, prune  # noqa: F401,E402  (registration: effvision.compr
 from . import quantize  # noqa: F401,E402  (registration)
 from . import reduce_tokens  # noqa: F401,E402  (registration: effvision.dynamic)
 
+from . import assemble, grow  # noqa: F401,E402  (registration: effvision.assemble)
+
 __all__ = ["MODEL_DIR", "STAGES", "SUMMARY_FILE", "Stage", "StageContext", "register_stage"]
 from . import detection  # noqa: F401,E402  (train_detection, eval_detection, export_detection)

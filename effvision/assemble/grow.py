@@ -1,0 +1,160 @@
+"""Function-preserving growth of a timm VisionTransformer (progressive training, bert2BERT/LiGO).
+
+- Depth: new blocks copy their neighbour's weights (a warm start for qkv/fc1) but their residual
+  branches output zero (LayerScale gamma 0 where present, else attn.proj and mlp.fc2 zeroed),
+  so the network computes the same function.
+- Width x2 (Net2Net/bert2BERT): every residual-stream channel is duplicated, [x] -> [x, x]. A
+  LayerNorm over [x, x] has the same mean and variance, so it stays exact with gamma/beta
+  duplicated. Heads are duplicated (head_dim unchanged, so the attention scale and qk_norm
+  stay), MLP hidden units too. A linear layer reading duplicated inputs gets its weight split
+  column-wise with random factors r and 1-r (sums are unchanged; the random split breaks the
+  symmetry between copies: their gradients differ). Other ratios would need masked LayerNorm,
+  which is not a timm module, so they are refused.
+
+The grown model is rebuilt with ``timm.create_model`` from the spec with new kwargs (depth,
+embed_dim, num_heads), so it stays a plain timm model saved as spec + safetensors, with the
+stochastic-depth schedule of its new depth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError, EffVisionError
+from ..models.io import ModelSpec, create_model
+
+__all__ = ["GrowConfig", "grow_model", "model_shape"]
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class GrowConfig:
+    depth: int = 0                                      # target number of blocks; 0 keeps the depth
+    width: int = 1                                      # width factor: 1 (keep) or 2 (embed, heads, MLP x2)
+    position: Literal["interleave", "end"] = "interleave"  # where new blocks go
+    seed: int = 0                                       # the random split factors of width growth
+
+    def validate(self, where: str) -> None:
+        if self.depth < 0:
+            raise ConfigError(f"{where}.depth: {self.depth} < 0 (the target number of blocks; 0 keeps the depth)")
+        if self.width not in (1, 2):
+            raise ConfigError(f"{where}.width: {self.width} is not supported; width growth is exact only for x2 "
+                              f"(other ratios need masked LayerNorm)")
+
+
+def model_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(depth, embed_dim, num_heads) of a timm VisionTransformer."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or not hasattr(model, "embed_dim") or len(blocks) == 0:
+        raise EffVisionError(f"growth needs a timm VisionTransformer (blocks, embed_dim); got {type(model).__name__}")
+    return len(blocks), int(model.embed_dim), int(blocks[0].attn.num_heads)
+
+
+def check_growth(depth: int, cfg: GrowConfig, where: str = "grow") -> int:
+    """The target depth; a target below the current depth (a shrink) is an error."""
+    target = cfg.depth or depth
+    if target < depth:
+        raise EffVisionError(f"{where}.depth: {target} would shrink the model from {depth} blocks; growth only adds blocks")
+    return target
+
+
+@torch.no_grad()
+def grow_model(model: nn.Module, spec: ModelSpec, cfg: GrowConfig) -> tuple[nn.Module, ModelSpec]:
+    """A new timm model (and its spec) computing the same function as ``model``, grown per ``cfg``."""
+    if spec.pruned:
+        raise EffVisionError(f"growth of a pruned model ({spec.name}) is not supported; grow before pruning")
+    depth, dim, heads = model_shape(model)
+    target = check_growth(depth, cfg)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if target > depth:
+        state = _grow_depth(state, depth, target, cfg.position, layer_scale=_has_layer_scale(model))
+    if cfg.width == 2:
+        state = {k: _widen(k, v, dim, heads, gen) for k, v in state.items()}
+    kwargs = dict(spec.kwargs, depth=target, embed_dim=dim * cfg.width, num_heads=heads * cfg.width)
+    new_spec = dataclasses.replace(spec, kwargs=kwargs)
+    grown = create_model(new_spec)
+    grown.load_state_dict(state, strict=True)
+    return grown.to(next(model.parameters()).device).train(model.training), new_spec
+
+
+def _has_layer_scale(model: nn.Module) -> bool:
+    return hasattr(model.blocks[0].ls1, "gamma")
+
+
+def _grow_depth(state: dict[str, Tensor], depth: int, target: int, position: str, layer_scale: bool) -> dict[str, Tensor]:
+    """Renumber blocks; each new block copies the block before it with a zero residual output."""
+    # source[j]: the old block new block j copies; new[j]: whether it is an inserted block
+    if position == "end":
+        source, new = list(range(depth)) + [depth - 1] * (target - depth), [False] * depth + [True] * (target - depth)
+    else:  # spread the new blocks evenly: after old block i go the inserts assigned to it
+        extra = [(target - depth) * (i + 1) // depth - (target - depth) * i // depth for i in range(depth)]
+        source, new = [], []
+        for i, n in enumerate(extra):
+            source += [i] * (1 + n)
+            new += [False] + [True] * n
+    blocks: dict[int, dict[str, Tensor]] = {}
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"^blocks\.(\d+)\.(.*)$", key)
+        if m:
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = value
+        else:
+            out[key] = value
+    for j, (i, inserted) in enumerate(zip(source, new)):
+        for name, value in blocks[i].items():
+            value = value.clone()
+            if inserted and _zeroes_branch(name, layer_scale):
+                value.zero_()
+            out[f"blocks.{j}.{name}"] = value
+    return out
+
+
+def _zeroes_branch(name: str, layer_scale: bool) -> bool:
+    if layer_scale:
+        return name in ("ls1.gamma", "ls2.gamma")
+    return name in ("attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+
+
+def _split_in(w: Tensor, gen: torch.Generator) -> Tensor:
+    """[out, in] -> [out, 2*in]: columns split r / 1-r, so W' [x, x] = W x."""
+    r = torch.rand(w.shape, generator=gen, dtype=torch.float64).to(w.dtype)
+    return torch.cat([w * r, w * (1 - r)], dim=1)
+
+
+def _widen(key: str, v: Tensor, dim: int, heads: int, gen: torch.Generator) -> Tensor:
+    """The x2 version of one state-dict tensor (residual stream [x] -> [x, x])."""
+    if key.startswith("patch_embed.backbone."):   # conv tokenizer: before the embedding width
+        return v
+    if key.startswith("patch_embed.proj."):        # conv producing the residual stream: duplicate outputs
+        return torch.cat([v, v], dim=0)
+    if key in ("cls_token", "reg_token", "pos_embed"):
+        return torch.cat([v, v], dim=-1)
+    if re.search(r"(^|\.)(norm|norm1|norm2|fc_norm|ls1|ls2)\.(weight|bias|gamma)$", key) and v.dim() == 1:
+        return torch.cat([v, v], dim=0)           # LayerNorm / LayerScale over duplicated channels
+    if re.search(r"\.attn\.(q_norm|k_norm)\.", key):
+        return v                                  # per head_dim, which is unchanged
+    if key.endswith("attn.qkv.weight"):           # [3*H*hd, D] -> [3*2H*hd, 2D], heads duplicated
+        w = _split_in(v, gen).reshape(3, heads, -1, 2 * dim)
+        return torch.cat([w, w], dim=1).reshape(-1, 2 * dim)
+    if key.endswith("attn.qkv.bias"):
+        b = v.reshape(3, heads, -1)
+        return torch.cat([b, b], dim=1).reshape(-1)
+    if re.search(r"\.(attn\.proj|mlp\.fc1|mlp\.fc2)\.weight$", key):
+        # input duplicated (heads / hidden / stream) -> split columns; output duplicated -> copy rows,
+        # each copy with its own split so copies get different gradients
+        return torch.cat([_split_in(v, gen), _split_in(v, gen)], dim=0)
+    if re.search(r"\.(attn\.proj|mlp\.fc1|mlp\.fc2)\.bias$", key):
+        return torch.cat([v, v], dim=0)
+    if key == "head.weight":
+        return _split_in(v, gen)
+    if key == "head.bias":
+        return v
+    raise EffVisionError(f"width growth does not know how to grow '{key}' {tuple(v.shape)} "
+                         f"(supported: timm VisionTransformer with fused qkv)")

@@ -1,0 +1,169 @@
+"""Deep Model Assembling stages: ``meta`` (train the meta model), ``incubate`` (train module i of
+K against the frozen meta model; one job per module, anywhere), ``assemble`` (collect the module
+directories, check their hashes, build the target); then ``finetune`` trains the assembled model."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..assemble.modules import (MODULE_FILE, assemble_modules, incubation_model, meta_spec, module_blocks,
+                                save_module, spec_hash, target_depth, weights_hash)
+from ..engine import TrainConfig, Trainer
+from ..errors import EffVisionError
+from ..models.catalog import count_params_macs
+from ..models.io import ModelSpec, create_model, load_model, save_model
+from .base import MODEL_DIR, Stage, register_stage, stage_dirs
+from .common import build_recipe_loaders, recipe_spec
+
+__all__ = ["MetaConfig", "IncubateConfig", "AssembleConfig", "MODULE_DIR"]
+
+MODULE_DIR = "module"
+
+
+@dataclass
+class MetaConfig(TrainConfig):
+    type: str = "meta"
+    modules: int = 2                  # K: the target's blocks are split into K modules
+
+
+@dataclass
+class IncubateConfig(TrainConfig):
+    type: str = "incubate"
+    modules: int = 2                  # K, as in the meta stage
+    module: int = 0                   # which module this job trains (0..K-1)
+    meta: str = ""                    # a meta model dir; "" = this run's newest earlier meta stage
+
+
+@dataclass
+class AssembleConfig:
+    type: str = "assemble"
+    modules: list[str] = field(default_factory=list)  # module dirs (or incubate stage dirs); [] = this run's
+
+
+def _check_split(recipe: Any, modules: int) -> int:
+    return len(module_blocks(target_depth(recipe_spec(recipe)), modules)[0])
+
+
+def _train(stage: Stage, model, spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
+    ctx, cfg = stage.ctx, stage.cfg
+    loaders = build_recipe_loaders(ctx.recipe, ctx.device, ctx.dist.rank, ctx.dist.world_size, cfg.channels_last)
+    trainer = Trainer(model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir, num_classes=spec.num_classes,
+                      seed=ctx.recipe.seed, dist=ctx.dist, augment=ctx.recipe.data.augment)
+    result = trainer.fit(resume=ctx.resume)
+    return result.model, result.metrics
+
+
+def _data_spec(stage: Stage) -> ModelSpec:
+    """The recipe's target spec with the data's classes and normalisation."""
+    ctx = stage.ctx
+    info = build_recipe_loaders(ctx.recipe, ctx.device, ctx.dist.rank, ctx.dist.world_size).info
+    spec = recipe_spec(ctx.recipe, info)
+    spec.mean, spec.std = tuple(info.mean), tuple(info.std)
+    return spec
+
+
+@register_stage
+class MetaStage(Stage):
+    type = "meta"
+    Config = MetaConfig
+    distributed = True
+    resumable = True
+
+    @classmethod
+    def preflight(cls, cfg: MetaConfig, recipe: Any, index: int) -> None:
+        _check_split(recipe, cfg.modules)
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        spec = meta_spec(_data_spec(self), self.cfg.modules)
+        model, metrics = _train(self, create_model(spec), spec)
+        if self.ctx.dist.is_main:
+            save_model(model, spec, self.ctx.stage_dir / MODEL_DIR)
+        params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
+        return {**metrics, "model": spec.name, "depth": self.cfg.modules, "params_m": params_m, "gmacs": gmacs,
+                "meta_hash": weights_hash(self.ctx.stage_dir / MODEL_DIR) if self.ctx.dist.is_main else None,
+                "wall_time_s": time.perf_counter() - t0}
+
+
+@register_stage
+class IncubateStage(Stage):
+    type = "incubate"
+    Config = IncubateConfig
+    distributed = True
+    resumable = True
+
+    @classmethod
+    def preflight(cls, cfg: IncubateConfig, recipe: Any, index: int) -> None:
+        _check_split(recipe, cfg.modules)
+        if not 0 <= cfg.module < cfg.modules:
+            raise EffVisionError(f"module: {cfg.module} is out of range for {cfg.modules} modules (0..{cfg.modules - 1})")
+        if cfg.meta and not (Path(cfg.meta) / "model.json").is_file():
+            raise EffVisionError(f"meta: no model in {cfg.meta}")
+        if not cfg.meta and "meta" not in [s.type for s in recipe.stages[:index - 1]]:
+            raise EffVisionError("incubate needs a meta model: a 'meta' stage before it, or meta: DIR")
+
+    def _meta_dir(self) -> Path:
+        if self.cfg.meta:
+            return Path(self.cfg.meta)
+        for d in stage_dirs(self.ctx.run_dir, before=self.ctx.index):
+            if d.name.endswith("-meta") and (d / MODEL_DIR / "model.json").is_file():
+                return d / MODEL_DIR
+        raise EffVisionError(f"stage {self.ctx.stage_dir.name}: no finished meta stage in {self.ctx.run_dir}")
+
+    def run(self) -> dict[str, Any]:
+        ctx, cfg = self.ctx, self.cfg
+        t0 = time.perf_counter()
+        meta_dir = self._meta_dir()
+        meta, mspec = load_model(meta_dir)
+        if len(meta.blocks) != cfg.modules:
+            raise EffVisionError(f"meta model {meta_dir} has {len(meta.blocks)} blocks, modules: {cfg.modules}")
+        target = dataclasses.replace(mspec, name=ctx.recipe.model.name, kwargs=dict(ctx.recipe.model.kwargs))
+        if spec_hash(meta_spec(target, cfg.modules)) != spec_hash(mspec):
+            raise EffVisionError(f"meta model {meta_dir} ({mspec.name} {mspec.kwargs}) is not the meta model of "
+                                 f"the recipe's target ({target.name} {target.kwargs})")
+        model, spec = incubation_model(meta, target, cfg.modules, cfg.module, ctx.recipe.seed)
+        model, metrics = _train(self, model, spec)
+        meta_hash = weights_hash(meta_dir)
+        if ctx.dist.is_main:
+            save_module(model, target, cfg.modules, cfg.module, meta_hash, ctx.stage_dir / MODULE_DIR)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {**metrics, "module": cfg.module, "modules": cfg.modules, "meta_hash": meta_hash,
+                "target_hash": spec_hash(target), "trainable_params_m": trainable / 1e6,
+                "wall_time_s": time.perf_counter() - t0}
+
+
+def _module_dir(path: Path) -> Path:
+    return path / MODULE_DIR if (path / MODULE_DIR / MODULE_FILE).is_file() else path
+
+
+@register_stage
+class AssembleStage(Stage):
+    type = "assemble"
+    Config = AssembleConfig
+
+    @classmethod
+    def preflight(cls, cfg: AssembleConfig, recipe: Any, index: int) -> None:
+        for d in cfg.modules:
+            if not (_module_dir(Path(d)) / MODULE_FILE).is_file():
+                raise EffVisionError(f"modules: no incubated module in {d} (expected {MODULE_FILE}, or {MODULE_DIR}/{MODULE_FILE})")
+        if not cfg.modules and "incubate" not in [s.type for s in recipe.stages[:index - 1]]:
+            raise EffVisionError("assemble needs modules: list the module dirs, or put incubate stages before it")
+
+    def run(self) -> dict[str, Any]:
+        ctx, cfg = self.ctx, self.cfg
+        t0 = time.perf_counter()
+        if cfg.modules:
+            dirs = [_module_dir(Path(d)) for d in cfg.modules]
+        else:
+            dirs = [d / MODULE_DIR for d in stage_dirs(ctx.run_dir, before=ctx.index)
+                    if d.name.endswith("-incubate") and (d / MODULE_DIR / MODULE_FILE).is_file()][::-1]
+        model, spec, info = assemble_modules(dirs)
+        if spec_hash(spec) != info["target_hash"]:
+            raise EffVisionError(f"modules' target spec does not match its hash {info['target_hash']}")
+        save_model(model, spec, ctx.stage_dir / MODEL_DIR)
+        params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
+        return {**info, "model": spec.name, "kwargs": spec.kwargs, "module_dirs": [str(d) for d in dirs],
+                "params_m": params_m, "gmacs": gmacs, "wall_time_s": time.perf_counter() - t0}
