@@ -3,6 +3,7 @@ from .base import MODEL_DIR, STAGES, SUMMARY_FILE, Stage, StageContext, register
 from . import bench, evaluate, export, train  # noqa: F401,E402  (registration)
 from . import finetune, prune  # noqa: F401,E402  (registration: effvision.compress)
 from . import quantize  # noqa: F401,E402  (registration)
+from . import sparse_attention  # noqa: F401,E402  (registration: effvision.attention)
 
 __all__ = ["MODEL_DIR", "STAGES", "SUMMARY_FILE", "Stage", "StageContext", "register_stage"]
 from . import detection  # noqa: F401,E402  (train_detection, eval_detection, export_detection)
