@@ -77,10 +77,10 @@ def test_bad_input_is_one_line_error() -> None:
 
 
 def test_sparse_attention_stage_in_a_recipe(tmp_path: Path) -> None:
-    recipe = tiny_recipe(tmp_path / "r.yaml", stages=[
+    recipe = tiny_recipe(tmp_path / "r.yaml", data={"limit_train": 128, "limit_eval": 64, "batch_size": 32}, stages=[
         {"type": "train", "epochs": 1, "optimizer": {"name": "adamw", "lr": 2.0e-3}},
-        {"type": "sparse_attention", "recovery": 0.95, "block": 16, "calib_batches": 2},
-        {"type": "eval"}])
+        {"type": "sparse_attention", "recovery": 0.95, "block": 16, "calib_batches": 1},
+        {"type": "export", "format": "onnx", "opset": 18}])
     run = tmp_path / "run"
     p = cli("run", str(recipe), "--out", str(run))
     assert p.returncode == 0, p.stderr[-2000:]
@@ -88,6 +88,10 @@ def test_sparse_attention_stage_in_a_recipe(tmp_path: Path) -> None:
     summary = json.loads((stage / "summary.json").read_text())
     assert 0 < summary["density"]["mean_density"] <= 1 and "per_head" in summary["density"]
     assert (stage / "model" / POLICY_FILE).is_file()
+    # export: the reference path (masked dense attention), parity-checked against the sparse model
+    manifest = json.loads(next(run.glob("03-export/**/manifest.json")).read_text())
+    assert "does not carry" in manifest["sparse_attention"]
+    assert manifest["parity"]["max_abs_error"] <= 1e-4
     bad = tiny_recipe(tmp_path / "bad.yaml", stages=[{"type": "sparse_attention", "recovery": 2}])
     p = cli("run", str(bad), "--out", str(tmp_path / "bad"))
     assert p.returncode == 2 and "recovery" in p.stderr and not (tmp_path / "bad").exists()
