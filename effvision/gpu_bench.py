@@ -18,6 +18,7 @@ import torch
 
 from .bench import benchmark
 from .optim.gpu_section import galore_markdown, galore_section
+from .attention.gpu_section import sparse_attention_markdown, sparse_attention_section
 from .runinfo import run_environment
 
 __all__ = ["SECTIONS", "main"]
@@ -181,6 +182,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "galore": galore_section,
     "quantize": quantize,
     "prune_distill": prune_distill,
+    "sparse_attention": sparse_attention_section,
 }
 
 
@@ -219,6 +221,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> s
         lines.append("")
     if results.get("galore"):
         lines += galore_markdown(results["galore"])
+    if results.get("sparse_attention"):
+        lines += sparse_attention_markdown(results["sparse_attention"])
     if "quantize" in results:
         lines += ["## Quantization (deit_tiny, effvision.compress.quantize)\n", "| what | result |", "|---|---|"]
         lines += [f"| {r['what']} | {', '.join(f'{k}={v}' for k, v in r.items() if k != 'what')} |"

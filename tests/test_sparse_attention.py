@@ -95,3 +95,17 @@ def test_sparse_attention_stage_in_a_recipe(tmp_path: Path) -> None:
     bad = tiny_recipe(tmp_path / "bad.yaml", stages=[{"type": "sparse_attention", "recovery": 2}])
     p = cli("run", str(bad), "--out", str(tmp_path / "bad"))
     assert p.returncode == 2 and "recovery" in p.stderr and not (tmp_path / "bad").exists()
+
+
+def test_gpu_bench_section_runs_at_toy_size() -> None:
+    import argparse
+
+    from effvision.attention.gpu_section import sparse_attention_markdown, sparse_attention_section
+    from effvision.gpu_bench import SECTIONS
+
+    assert SECTIONS["sparse_attention"] is sparse_attention_section
+    rows = sparse_attention_section(argparse.Namespace(toy=True, data=None, runs=None, stamp="t"))
+    ok = [r for r in rows if "error" not in r]
+    assert {r["backend"] for r in ok} >= {"sdpa dense", "effvision kernel"}
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in ok)
+    assert sparse_attention_markdown(rows)[0].startswith("## Block-sparse attention")
