@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Grid", "policy_token_mask", "block_cover", "expand_blocks", "policy_cost"]
+__all__ = ["Grid", "policy_token_mask", "block_cover", "expand_blocks"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,3 @@ def expand_blocks(block_mask: torch.Tensor, n: int, block: int) -> torch.Tensor:
     """(..., nb, nb) -> (..., N, N)."""
     return block_mask.repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :n, :n]
 
-
-def policy_cost(block_mask: torch.Tensor) -> float:
-    """Fraction of kernel blocks computed (1.0 = dense)."""
-    return block_mask.float().mean().item()
