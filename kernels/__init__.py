@@ -5,4 +5,5 @@ references.
 
 - galore_adam: GaLore's fused Adam moment update (fp32 and block-wise 8-bit states).
 - quant8: the block-wise 8-bit moment codes (references; the kernel path is fused above).
+- block_sparse_attention: block-sparse flash attention (fwd+bwd) with an SDPA reference.
 """

@@ -7,5 +7,7 @@ from . import reduce_tokens  # noqa: F401,E402  (registration: effvision.dynamic
 
 from . import assemble, grow  # noqa: F401,E402  (registration: effvision.assemble)
 
+from . import sparse_attention  # noqa: F401,E402  (registration: effvision.attention)
+
 __all__ = ["MODEL_DIR", "STAGES", "SUMMARY_FILE", "Stage", "StageContext", "register_stage"]
 from . import detection  # noqa: F401,E402  (train_detection, eval_detection, export_detection)

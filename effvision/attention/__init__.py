@@ -1,0 +1,29 @@
+"""Adaptive per-head sparse attention for timm ViTs (FastGen's policies on the 2-D token grid):
+profile on calibration images, choose per head the cheapest policy in kernel blocks that keeps
+a fraction of the attention mass, swap the Attention modules in place, persist as JSON."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from .module import SparseAttention, apply_policies, density_report, model_grid
+from .persist import POLICY_FILE, read_policies, write_policies
+from .policies import Grid
+from .profile import SparseAttentionConfig, attention_maps, choose_policies
+
+__all__ = ["SparseAttentionConfig", "SparseAttention", "Grid", "sparsify_attention_", "apply_policies",
+           "density_report", "model_grid", "read_policies", "write_policies", "POLICY_FILE"]
+
+
+def sparsify_attention_(model: nn.Module, cfg: SparseAttentionConfig, batches: Iterable[torch.Tensor],
+                        device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Profile, choose and apply per-head policies in place; returns the policy spec (JSON-able)."""
+    cfg.validate()  # before any work
+    grid = model_grid(model)
+    chosen = choose_policies(attention_maps(model, batches, device), grid, cfg)
+    spec = {"grid": {"prefix": grid.prefix, "h": grid.h, "w": grid.w}, "block": cfg.block,
+            "recovery": cfg.recovery, "layers": chosen}
+    apply_policies(model, spec)
+    return spec
