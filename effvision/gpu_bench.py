@@ -174,6 +174,12 @@ def prune_distill(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def token_drop(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from .tokens.gpu_section import token_drop_section
+
+    return token_drop_section(args)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "inference": inference,
     "cifar10": cifar10,
@@ -181,6 +187,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "galore": galore_section,
     "quantize": quantize,
     "prune_distill": prune_distill,
+    "token_drop": token_drop,
 }
 
 
@@ -231,6 +238,10 @@ def markdown(results: dict[str, list[dict[str, Any]]], env: dict[str, Any]) -> s
             lines.append(f"| {r['criterion']} | {r.get('dense_top1', '')} | {r.get('pruned_top1', 'failed')} | "
                          f"{r.get('macs_fraction', '')} | {r.get('pruned_img_s', '')} | {r.get('speedup', '')} |")
         lines.append("")
+    if "token_drop" in results:
+        from .tokens.gpu_section import token_drop_markdown
+
+        lines += token_drop_markdown(results["token_drop"])
     return "\n".join(lines)
 
 

@@ -165,3 +165,18 @@ def test_budget_stops_at_the_budget_on_an_injected_clock(tmp_path: Path) -> None
     assert lrs == [i / 6 * trainer.total_steps for i in range(6)]
     with pytest.raises(ConfigError, match="budget_s"):
         TrainConfig(budget_s=0).validate("stages[0]")
+
+
+def test_gpu_bench_token_drop_section_runs_at_toy_size(tmp_path: Path) -> None:
+    """The gpu_bench section end to end on a digits slice on the CPU, so a typo never wastes a GPU call."""
+    import argparse
+
+    from effvision.tokens.gpu_section import token_drop_markdown, token_drop_section
+    args = argparse.Namespace(data="", runs=str(tmp_path), stamp="t", toy=True)
+    rows = token_drop_section(args)
+    variants = [r["variant"] for r in rows]
+    assert variants == ["dense", "random-LTD", "dense 2s", "random-LTD 2s", "time to dense accuracy"]
+    assert all(r.get("exit_code", 0) == 0 for r in rows)
+    assert rows[2]["budget_s"] == 2.0 and rows[2]["train_time_s"] >= 2.0
+    assert (tmp_path / "token_drop-t.png").stat().st_size > 0
+    assert any("random-LTD" in line for line in token_drop_markdown(rows))
