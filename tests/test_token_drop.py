@@ -81,6 +81,15 @@ def test_dropped_tokens_pass_through_and_prefix_is_kept() -> None:
     assert torch.equal(blk(h), y)
     blk.eval()
     assert (((blk(h) - h).abs().amax(-1) > 0).sum(1) == 66).all()
+    # DDP: another rank draws another subset, reproducibly; another step too.
+    from effvision.tokens.random_ltd import _subset
+    state = blk._ltd
+    first = _subset(state, 1, 4, 64, torch.device("cpu"))
+    state.rank = 1
+    assert not torch.equal(first, _subset(state, 1, 4, 64, torch.device("cpu")))
+    assert torch.equal(_subset(state, 1, 4, 64, torch.device("cpu")), _subset(state, 1, 4, 64, torch.device("cpu")))
+    state.rank, state.step = 0, 1
+    assert not torch.equal(first, _subset(state, 1, 4, 64, torch.device("cpu")))
     remove_token_drop(ltd)
     assert type(ltd.blocks[1]) is timm.models.vision_transformer.Block
 

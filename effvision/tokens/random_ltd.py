@@ -53,6 +53,7 @@ def token_counts(cfg: TokenDropConfig, num_patches: int) -> list[int]:
                   | {num_patches})
 
 
+@torch.compiler.disable  # host-side hashing and a CPU generator: kept out of compiled graphs
 def _subset(state: _DropState, layer: int, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
     """(B, keep) sorted patch indices, without replacement, per sample, from (seed, step, layer, rank)."""
     key = f"{state.seed}/{state.step}/{layer}/{state.rank}".encode()
