@@ -2,7 +2,6 @@
 subsets, inert in eval, resume-exact, and a dense export; the budget clock; bad input."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,8 @@ from ..engine.hooks import Hooks
 from ..errors import ConfigError
 from .config import TokenDropConfig
 
-__all__ = ["TokenDropConfig", "apply_token_drop", "kept_tokens", "remove_token_drop", "layer_token_clock"]
+__all__ = ["apply_token_drop", "check_token_drop", "kept_tokens", "layer_token_clock", "layer_tokens", "remove_token_drop",
+           "token_counts"]
 
 
 @dataclass
@@ -159,7 +161,7 @@ def apply_token_drop(model: nn.Module, cfg: TokenDropConfig | None, hooks: Hooks
         hooks.schedule_clock = layer_token_clock(cfg, n, len(blocks), len(layers))
 
 
-def layer_token_clock(cfg: TokenDropConfig, num_patches: int, depth: int, dropping: int):  # noqa: ANN201
+def layer_token_clock(cfg: TokenDropConfig, num_patches: int, depth: int, dropping: int) -> Callable[[int, int], float]:
     """(global_step, total_steps) -> schedule position in [0, total_steps]: the fraction of the
     run's layer-tokens consumed so far, times total_steps (the LR decays by work, not steps)."""
     def per_step(step: int, total: int) -> int:
