@@ -78,7 +78,8 @@ class FinetuneStage(Stage):
             train_model = Distilled(model, teacher, cfg.distill, (spec.in_chans, spec.img_size, spec.img_size))
             hooks.loss_terms.append(DistillLoss(teacher, train_model, cfg.distill))
         params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
-        apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank)  # the student
+        apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank,
+                         where=f"stages[{ctx.index - 1}].token_drop")  # the student
         trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
                           augment=recipe.data.augment, hooks=hooks)

@@ -34,7 +34,8 @@ class TrainStage(Stage):
             model, spec = build_recipe_model(recipe, loaders.info)
         params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
         hooks = self.hooks or Hooks()
-        apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank)
+        apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank,
+                         where=f"stages[{ctx.index - 1}].token_drop")
         trainer = Trainer(model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
                           augment=recipe.data.augment, hooks=hooks)

@@ -100,11 +100,11 @@ def _drop_class(cls: type) -> type:
     return _SUBCLASSES[cls]
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
+def _blocks(model: nn.Module, where: str = "token_drop") -> nn.ModuleList | nn.Sequential:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0 \
             or getattr(model, "patch_embed", None) is None:
-        raise ConfigError(f"token_drop: {type(model).__name__} has no transformer blocks (model.blocks of a "
+        raise ConfigError(f"{where}: {type(model).__name__} has no transformer blocks (model.blocks of a "
                           f"timm ViT); random-LTD needs a ViT-like model")
     return blocks
 
@@ -125,7 +125,7 @@ def _layers(cfg: TokenDropConfig, depth: int, where: str) -> list[int]:
 
 def check_token_drop(model: nn.Module, cfg: TokenDropConfig, where: str = "token_drop") -> None:
     """Every model-dependent error, before any training."""
-    blocks = _blocks(model)
+    blocks = _blocks(model, where)
     _layers(cfg, len(blocks), where)
     n = _num_patches(model)
     if cfg.start_tokens > n:
