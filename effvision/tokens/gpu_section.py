@@ -37,7 +37,8 @@ def _base(args: argparse.Namespace) -> dict[str, Any]:
         recipe["data"] = {"name": "digits", "img_size": 32, "batch_size": 64, "limit_train": 128, "limit_eval": 64,
                           "augment": {"crop_padding": 2, "hflip": False}}
         recipe["stages"][0].update(epochs=2, compile=False, channels_last=False, eval_tta_flip=False, log_every=1,
-                                   optimizer={"name": "adamw", "lr": 2.0e-3})
+                                   optimizer={"name": "adamw", "lr": 2.0e-3},
+                                   scheduler={"name": "cosine", "warmup_epochs": 1})
     return recipe
 
 
