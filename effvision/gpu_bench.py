@@ -43,6 +43,7 @@ from typing import Any
 
 from .assemble.gpu_section import assemble_markdown, assemble_section
 from .attention.gpu_section import sparse_attention_markdown, sparse_attention_section
+from .tokens.gpu_section import token_drop_markdown, token_drop_section
 from .compress.quantize.gpu_section import quantize_markdown, quantize_section
 from .gpu_sections import (cifar10_markdown, cifar10_section, detection_markdown, detection_section,
                            inference_markdown, inference_section, prune_distill_markdown, prune_distill_section)
@@ -86,6 +87,9 @@ SECTIONS: dict[str, Section] = {
     "detection": Section(detection_section, detection_markdown, priority=60, share=0.10, min_s=60,
                          title="Detection pipeline check (recipes/detection_coco128.yaml, coco128)",
                          requires=("pycocotools",), recipes=("recipes/detection_coco128.yaml",), data=("coco",)),
+    "token_drop": Section(token_drop_section, token_drop_markdown, priority=35, share=0.12, min_s=120,
+                          title="random-LTD on CIFAR-10 (recipes/cifar10_vit_tiny.yaml; effvision.tokens)",
+                          recipes=("recipes/cifar10_vit_tiny.yaml",), data=("cifar10",)),
     "sparse_attention": Section(sparse_attention_section, sparse_attention_markdown, priority=70, share=0.08, min_s=45,
                                 title="Block-sparse attention (B 8, H 6, D 64, bf16, block 64; effvision kernel and "
                                       "FlexAttention vs dense SDPA)", requires=("triton",)),

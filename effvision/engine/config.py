@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ConfigError
+from ..tokens.config import TokenDropConfig
 from .optim import OptimizerConfig
 
 __all__ = ["SchedulerConfig", "TrainConfig"]
@@ -37,6 +38,8 @@ class TrainConfig:
     eval_tta_flip: bool = False            # average logits over the image and its mirror
     checkpoint_every: int = 0              # steps between checkpoints (0: at each epoch end)
     log_every: int = 20                    # steps between metrics.jsonl records (and NaN checks)
+    budget_s: float | None = None          # train for this many seconds of training time (LR keyed to the clock)
+    token_drop: TokenDropConfig | None = None  # random-LTD (effvision.tokens)
 
     def validate(self, where: str) -> None:
         if self.epochs <= 0:
@@ -58,3 +61,7 @@ class TrainConfig:
                               f"gradient before any step); use amp bf16")
         if self.log_every <= 0 or self.checkpoint_every < 0 or self.eval_every < 0:
             raise ConfigError(f"{where}: log_every must be positive; checkpoint_every, eval_every non-negative")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise ConfigError(f"{where}.budget_s must be positive (seconds of training time)")
+        if self.token_drop is not None:
+            self.token_drop.validate(f"{where}.token_drop")

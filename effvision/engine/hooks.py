@@ -4,6 +4,8 @@
 - ``before_step`` / ``after_step``: per-step model hooks (token-drop schedules, pruning
   regularisers, growth).
 - ``on_epoch_end``: callbacks with the epoch's metrics.
+- ``schedule_clock``: (global_step, total_steps) -> the position in [0, total_steps] the LR
+  schedule sees (default: the step itself; random-LTD's layer-token LR replaces it).
 The optimizer factory is the registry in ``effvision.engine.optim``; model transforms
 between stages are stages (``effvision.stages.register_stage``).
 """
@@ -30,3 +32,4 @@ class Hooks:
     before_step: list[StepHook] = field(default_factory=list)
     after_step: list[StepHook] = field(default_factory=list)
     on_epoch_end: list[Callable[[int, dict[str, Any]], None]] = field(default_factory=list)
+    schedule_clock: Callable[[int, int], float] | None = None

@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ class TrainResult:
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, loaders: Loaders, *, device: torch.device,
                  out_dir: Path, num_classes: int, seed: int = 0, dist: DistInfo | None = None,
-                 augment: AugmentConfig | None = None, hooks: Hooks | None = None, progress: bool = True) -> None:
+                 augment: AugmentConfig | None = None, hooks: Hooks | None = None, progress: bool = True,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
         self.cfg, self.loaders, self.device = cfg, loaders, device
         self.out_dir, self.seed = Path(out_dir), seed
         self.dist = dist or DistInfo()
@@ -60,7 +62,11 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise EffVisionError(f"the training set is smaller than one batch ({loaders.train.batch_size}); "
                                  f"lower data.batch_size")
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = cfg.epochs * self.steps_per_epoch  # with budget_s: an upper bound
+        # The budget clock (injectable for tests): seconds of training steps, evaluation and
+        # checkpoints excluded; budget_s keys the LR schedule to it and stops training at it.
+        self.timer = timer
+        self.budget_used = self.eval_time = self.checkpoint_time = 0.0
 
         self.model = model.to(device)
         if cfg.channels_last:
@@ -123,7 +129,8 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
-                                 "progress": {"train_time_s": self.train_time, "images_seen": self.images_seen}}
+                                 "progress": {"train_time_s": self.train_time, "images_seen": self.images_seen,
+                                              "budget_used_s": self.budget_used}}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler.state_dict()
         if self.scaler is not None:
@@ -157,6 +164,7 @@ class Trainer:
         progress = state.get("progress", {})
         self.train_time = float(progress.get("train_time_s", 0.0))
         self.images_seen = int(progress.get("images_seen", 0))
+        self.budget_used = float(progress.get("budget_used_s", 0.0))
         if self.dist.is_main:
             self._truncate_metrics(pos)
         return pos
@@ -182,6 +190,8 @@ class Trainer:
         metrics: dict[str, Any] = {}
         try:
             for epoch in range(pos.epoch, self.cfg.epochs):
+                if self.budget_spent():  # resumed after the budget ran out
+                    break
                 start_step = pos.step if epoch == pos.epoch else 0
                 t0 = time.perf_counter()
                 pos = self._train_epoch(epoch, start_step, pos, bar)
@@ -189,9 +199,12 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 epoch_time = time.perf_counter() - t0
                 self.train_time += epoch_time
-                self.images_seen += (self.steps_per_epoch - start_step) * self.loaders.train.batch_size
-                pos = TrainPosition(epoch + 1, 0, pos.global_step)
-                last = epoch + 1 == self.cfg.epochs
+                done = pos.step - start_step if self.budget_spent() else self.steps_per_epoch - start_step
+                self.images_seen += done * self.loaders.train.batch_size
+                last = epoch + 1 == self.cfg.epochs or self.budget_spent()
+                if pos.step == self.steps_per_epoch:  # else the budget stopped it mid-epoch
+                    pos = TrainPosition(epoch + 1, 0, pos.global_step)
+                t_eval = self.timer()
                 if last or (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0):
                     metrics = {**self._evaluate(), "epoch": epoch, "epoch_time_s": epoch_time}
                     if self.dist.is_main:
@@ -200,7 +213,12 @@ class Trainer:
                                   f"({epoch_time:.1f} s)")
                     for cb in self.hooks.on_epoch_end:
                         cb(epoch, metrics)
+                t_save = self.timer()
+                self.eval_time += t_save - t_eval
                 self._save(pos)
+                self.checkpoint_time += self.timer() - t_save
+                if last:
+                    break
         finally:
             bar.close()  # before any error message, so the message gets its own line
         if not metrics:  # resumed from the final checkpoint: nothing left to train, still evaluate
@@ -208,6 +226,9 @@ class Trainer:
         # Across resumes: the time and images of every attempt's completed epochs.
         metrics["train_time_s"] = self.train_time
         metrics["train_img_per_s"] = self.images_seen / self.train_time if self.train_time else 0.0
+        if self.cfg.budget_s is not None:
+            metrics.update(budget_s=self.cfg.budget_s, budget_used_s=self.budget_used, steps_done=pos.global_step,
+                           eval_time_s=self.eval_time, checkpoint_time_s=self.checkpoint_time)
         final = self.ema.module if self.ema is not None else self.model
         return TrainResult(final, metrics, self.train_time)
 
@@ -215,8 +236,16 @@ class Trainer:
         """Steps ``start_step``.. of one epoch, logging every ``log_every`` steps; returns the position."""
         loss_sum = torch.zeros((), device=self.device)
         window_start, window_images, window_steps = time.perf_counter(), 0, 0
+        tick = self.timer()
         for step, (x, y) in enumerate(self.loaders.train.epoch(epoch, start_step), start=start_step):
             loss = self._train_step(x, y, epoch, step, pos.global_step)
+            if self.cfg.budget_s is not None:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the clock must see the step's work
+                now = self.timer()
+                # Every rank stops at the same step: rank 0's clock decides.
+                self.budget_used += float(broadcast_object(now - tick))
+                tick = now
             loss_sum += loss.detach()
             pos = TrainPosition(epoch, step + 1, pos.global_step + 1)
             window_images += len(y) * self.dist.world_size
@@ -238,6 +267,11 @@ class Trainer:
                     and step + 1 < self.steps_per_epoch:
                 self._check_finite(float(all_reduce_mean(loss_sum)), f"before step {pos.global_step}'s checkpoint")
                 self._save(pos)
+                tick = self.timer()  # checkpoints are off the budget clock
+            if self.budget_spent():
+                if window_steps:
+                    self._check_finite(float(all_reduce_mean(loss_sum)) / window_steps, f"epoch {epoch}, step {step}")
+                break
         return pos
 
     def _check_finite(self, loss: float, where: str) -> None:
@@ -249,7 +283,7 @@ class Trainer:
         for hook in self.hooks.before_step:
             hook(self.model, global_step, self.total_steps)
         if self.scheduler is not None and not isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
-            self.scheduler.step_update(global_step)
+            self.scheduler.step_update(self.schedule_position(global_step))
         target = y
         if self.mixup is not None:
             np.random.seed(step_seed(self.seed, epoch, step) % 2**32)  # timm's Mixup draws from numpy's global RNG
@@ -279,12 +313,26 @@ class Trainer:
         if not self.layerwise:
             self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.OneCycleLR):
+            # OneCycleLR steps after the update to the next step's position.
+            self.scheduler.last_epoch = self.schedule_position(global_step + 1) - 1
             self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model, step=global_step)
         for hook in self.hooks.after_step:
             hook(self.model, global_step, self.total_steps)
         return loss
+
+    def schedule_position(self, global_step: int) -> float | int:
+        """The one schedule clock: what the LR schedule sees, in [0, total_steps]. Steps by
+        default; the fraction of budget_s spent; or the hooks' clock (layer-tokens consumed)."""
+        if self.cfg.budget_s is not None:
+            return min(self.budget_used / self.cfg.budget_s, 1.0) * self.total_steps
+        if self.hooks.schedule_clock is not None:
+            return self.hooks.schedule_clock(global_step, self.total_steps)
+        return global_step
+
+    def budget_spent(self) -> bool:
+        return self.cfg.budget_s is not None and self.budget_used >= self.cfg.budget_s
 
     def _evaluate(self) -> dict[str, Any]:
         """Rank 0 evaluates; every rank gets the metrics (hooks on all ranks may read them)."""

@@ -14,6 +14,7 @@ from ..engine import Hooks, TrainConfig, Trainer
 from ..errors import ConfigError, EffVisionError
 from ..models.catalog import count_params_macs
 from ..models.io import load_model, save_model
+from ..tokens import apply_token_drop
 from .base import MODEL_DIR, Stage, register_stage
 from .common import build_recipe_loaders, build_recipe_model
 
@@ -79,6 +80,8 @@ class FinetuneStage(Stage):
                                     (t_spec.in_chans, t_spec.img_size, t_spec.img_size))
             hooks.loss_terms.append(DistillLoss(teacher, train_model, cfg.distill, None if adapt.identity else adapt))
         params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
+        apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank,
+                         where=f"stages[{ctx.index - 1}].token_drop")  # the student
         trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
                           augment=recipe.data.augment, hooks=hooks)

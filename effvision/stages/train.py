@@ -8,6 +8,7 @@ from .. import optim  # noqa: F401  (registers the galore_* optimizers)
 from ..engine import Hooks, TrainConfig, Trainer
 from ..models.catalog import count_params_macs
 from ..models.io import load_model, save_model
+from ..tokens import apply_token_drop
 from .base import MODEL_DIR, Stage, register_stage
 from .common import build_recipe_loaders, build_recipe_model
 
@@ -32,9 +33,12 @@ class TrainStage(Stage):
         else:
             model, spec = build_recipe_model(recipe, loaders.info)
         params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
+        hooks = self.hooks or Hooks()
+        apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank,
+                         where=f"stages[{ctx.index - 1}].token_drop")
         trainer = Trainer(model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
-                          augment=recipe.data.augment, hooks=self.hooks)
+                          augment=recipe.data.augment, hooks=hooks)
         result = trainer.fit(resume=ctx.resume)
         if ctx.dist.is_main:
             save_model(result.model, spec, ctx.stage_dir / MODEL_DIR)
