@@ -129,7 +129,7 @@ def test_save_load_round_trip_in_a_fresh_process(tmp_path):
     opt.step()
     model.eval()
     model_dir = save_model(model, spec, tmp_path / "model")
-    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.json", "model.safetensors"]
     x = _x(3, seed=1)
     threads = torch.get_num_threads()
     torch.save(x, tmp_path / "x.pt")

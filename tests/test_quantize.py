@@ -141,7 +141,7 @@ def test_qat_gradients_flow_straight_through(learnable: bool) -> None:
 
 def test_quantized_model_round_trips_without_pickle(tmp_path: Path) -> None:
     d = _quantized_dir(tmp_path)
-    assert sorted(p.name for p in d.iterdir()) == ["model.json", "model.safetensors", "quant.json"]
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.json", "model.safetensors", "quant.json"]
     spec = json.loads((d / "quant.json").read_text())
     assert spec["precision"] == "int8" and "blocks.0.attn.qkv" in spec["modules"]
     model, _ = load_model(d)
