@@ -6,6 +6,7 @@ from typing import Literal
 
 from ..errors import ConfigError
 from ..tokens.config import TokenDropConfig
+from .loggers import LogConfig
 from .optim import OptimizerConfig
 
 __all__ = ["SchedulerConfig", "TrainConfig"]
@@ -38,6 +39,8 @@ class TrainConfig:
     eval_tta_flip: bool = False            # average logits over the image and its mirror
     checkpoint_every: int = 0              # steps between checkpoints (0: at each epoch end)
     log_every: int = 20                    # steps between metrics.jsonl records (and NaN checks)
+    grad_accum_steps: int = 1              # split each batch into this many micro-batches (same updates, less memory)
+    log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / CSV / W&B beside metrics.jsonl
     budget_s: float | None = None          # train for this many seconds of training time (LR keyed to the clock)
     token_drop: TokenDropConfig | None = None  # random-LTD (effvision.tokens)
 
@@ -61,6 +64,12 @@ class TrainConfig:
                               f"gradient before any step); use amp bf16")
         if self.log_every <= 0 or self.checkpoint_every < 0 or self.eval_every < 0:
             raise ConfigError(f"{where}: log_every must be positive; checkpoint_every, eval_every non-negative")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"{where}.grad_accum_steps must be at least 1")
+        if self.grad_accum_steps > 1 and self.optimizer.layerwise:
+            raise ConfigError(f"{where}: optimizer.layerwise steps each parameter during backward, so gradients "
+                              f"cannot accumulate over micro-batches; set grad_accum_steps: 1")
+        self.log.validate(f"{where}.log")
         if self.budget_s is not None and not self.budget_s > 0:
             raise ConfigError(f"{where}.budget_s must be positive (seconds of training time)")
         if self.token_drop is not None:

@@ -7,6 +7,7 @@ step), so a resumed CPU run ends bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -36,6 +37,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object
 from .evaluate import autocast, evaluate
 from .hooks import Hooks
+from .loggers import RunLogger
 from .optim import create_optimizer
 
 __all__ = ["Trainer", "TrainResult"]
@@ -98,15 +100,20 @@ class Trainer:
 
         # The module the loop calls: DDP, then torch.compile, around the plain model.
         self.train_module: nn.Module = self.model
+        self.ddp: DistributedDataParallel | None = None
         if self.dist.enabled:
-            self.train_module = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.train_module = self.ddp
         if cfg.compile:
             self.train_module = torch.compile(self.train_module)
         self.train_time, self.images_seen = 0.0, 0  # completed epochs, carried across resumes
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints")
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.logger: RunLogger | None = None
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.logger = RunLogger(cfg.log, self.out_dir, run_name=f"{self.out_dir.parent.name}/{self.out_dir.name}")
+        self._epoch_loss = (0.0, 0)  # (sum of window mean losses x steps, steps) of the current epoch
 
     def _create_scheduler(self) -> Any:
         s = self.cfg.scheduler
@@ -167,6 +174,8 @@ class Trainer:
         self.budget_used = float(progress.get("budget_used_s", 0.0))
         if self.dist.is_main:
             self._truncate_metrics(pos)
+            if self.logger is not None:
+                self.logger.truncate(pos.global_step)
         return pos
 
     def _truncate_metrics(self, pos: TrainPosition) -> None:
@@ -209,6 +218,9 @@ class Trainer:
                     metrics = {**self._evaluate(), "epoch": epoch, "epoch_time_s": epoch_time}
                     if self.dist.is_main:
                         append_jsonl(self.metrics_path, {"eval": True, **metrics})
+                        loss_sum, loss_steps = self._epoch_loss
+                        self.logger.evaluation(metrics, pos.global_step, loss_sum / loss_steps if loss_steps else None,
+                                               self.optimizer.param_groups[0]["lr"])
                         bar.write(f"epoch {epoch}: top1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  "
                                   f"({epoch_time:.1f} s)")
                     for cb in self.hooks.on_epoch_end:
@@ -221,6 +233,8 @@ class Trainer:
                     break
         finally:
             bar.close()  # before any error message, so the message gets its own line
+            if self.logger is not None:
+                self.logger.close()
         if not metrics:  # resumed from the final checkpoint: nothing left to train, still evaluate
             metrics = {**self._evaluate(), "epoch": self.cfg.epochs - 1}
         # Across resumes: the time and images of every attempt's completed epochs.
@@ -235,6 +249,7 @@ class Trainer:
     def _train_epoch(self, epoch: int, start_step: int, pos: TrainPosition, bar: tqdm) -> TrainPosition:
         """Steps ``start_step``.. of one epoch, logging every ``log_every`` steps; returns the position."""
         loss_sum = torch.zeros((), device=self.device)
+        self._epoch_loss = (0.0, 0)
         window_start, window_images, window_steps = time.perf_counter(), 0, 0
         tick = self.timer()
         for step, (x, y) in enumerate(self.loaders.train.epoch(epoch, start_step), start=start_step):
@@ -258,9 +273,12 @@ class Trainer:
                 rate = window_images / max(time.perf_counter() - window_start, 1e-9)
                 lr = self.optimizer.param_groups[0]["lr"]
                 bar.set_postfix(epoch=epoch, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                self._epoch_loss = (self._epoch_loss[0] + mean_loss * window_steps, self._epoch_loss[1] + window_steps)
                 if self.dist.is_main:
-                    append_jsonl(self.metrics_path, {"epoch": epoch, "step": step, "global_step": pos.global_step,
-                                                     "loss": mean_loss, "lr": lr, "img_per_s": rate})
+                    record = {"epoch": epoch, "step": step, "global_step": pos.global_step,
+                              "loss": mean_loss, "lr": lr, "img_per_s": rate}
+                    append_jsonl(self.metrics_path, record)
+                    self.logger.step(record)
                 loss_sum.zero_()
                 window_start, window_images, window_steps = time.perf_counter(), 0, 0
             if self.cfg.checkpoint_every and pos.global_step % self.cfg.checkpoint_every == 0 \
@@ -288,17 +306,28 @@ class Trainer:
         if self.mixup is not None:
             np.random.seed(step_seed(self.seed, epoch, step) % 2**32)  # timm's Mixup draws from numpy's global RNG
             x, target = self.mixup(x, y)
-        with autocast(self.device, self.amp):
-            logits = self.train_module(x)  # (B, K)
-            loss = self.criterion(logits, target)
-            for term in self.hooks.loss_terms:
-                for value in term(self.model, x, y, logits).values():
-                    loss = loss + value
+        n_micro = min(self.cfg.grad_accum_steps, len(x))
+        total = x.new_zeros((), dtype=torch.float32)
+        # Gradient accumulation: the batch in micro-batches, each loss weighted by its share,
+        # so the summed gradient is the full batch's (same update, 1/n of the activations).
+        for i, (xm, ym, tm) in enumerate(zip(x.tensor_split(n_micro), y.tensor_split(n_micro),
+                                             target.tensor_split(n_micro))):
+            last = i + 1 == n_micro
+            with self._maybe_no_sync(last):
+                with autocast(self.device, self.amp):
+                    logits = self.train_module(xm)  # (b, K)
+                    loss = self.criterion(logits, tm)
+                    for term in self.hooks.loss_terms:
+                        for value in term(self.model, xm, ym, logits).values():
+                            loss = loss + value
+                    loss = loss * (len(xm) / len(x))
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            total += loss.detach().float()
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         if self.layerwise:
@@ -320,7 +349,13 @@ class Trainer:
             self.ema.update(self.model, step=global_step)
         for hook in self.hooks.after_step:
             hook(self.model, global_step, self.total_steps)
-        return loss
+        return total
+
+    def _maybe_no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces gradients only in the last micro-batch's backward."""
+        if self.ddp is None or last_micro_batch:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     def schedule_position(self, global_step: int) -> float | int:
         """The one schedule clock: what the LR schedule sees, in [0, total_steps]. Steps by
