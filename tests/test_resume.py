@@ -21,28 +21,28 @@ MODEL = {"kwargs": {"drop_path_rate": 0.1}}
 DATA = {"augment": {"crop_padding": 2, "hflip": False, "mixup": 0.2, "mix_prob": 0.5}}
 
 
-def _latest_step(run: Path) -> int:
-    latest = run / "01-train" / "checkpoints" / "latest"
+def _latest_step(run: Path, stage: str = "01-train") -> int:
+    latest = run / stage / "checkpoints" / "latest"
     try:
         return int(latest.read_text().strip().split("-")[1])
     except (OSError, IndexError, ValueError):
         return -1
 
 
-def _start_and_kill(recipe: Path, run: Path, after_step: int, resume: bool) -> None:
-    """Start a run and SIGKILL it as soon as a checkpoint past ``after_step`` exists."""
+def _start_and_kill(recipe: Path, run: Path, after_step: int, resume: bool, stage: str = "01-train") -> None:
+    """Start a run and SIGKILL it as soon as a checkpoint of ``stage`` past ``after_step`` exists."""
     cmd = [sys.executable, "-m", "effvision", "run", str(recipe), "--out", str(run)] + (["--resume"] if resume else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     deadline = time.time() + 300
-    while _latest_step(run) <= after_step and proc.poll() is None and time.time() < deadline:
+    while _latest_step(run, stage) <= after_step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "01-train" / "summary.json").exists(), "the run finished before it could be killed"
+    assert not (run / stage / "summary.json").exists(), "the run finished before it could be killed"
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "01-train" / "model" / "model.safetensors"))
+def _weights(run: Path, stage: str = "01-train") -> dict[str, torch.Tensor]:
+    return load_file(str(run / stage / "model" / "model.safetensors"))
 
 
 def test_sigkill_and_resume_is_bit_exact(tmp_path: Path) -> None:
@@ -84,3 +84,27 @@ def test_checkpoint_state_loads_without_pickle(tmp_path: Path) -> None:
     assert {"optimizer", "rng", "position"} <= state.keys()
     assert state["position"]["global_step"] == 8  # 512 samples / batch 64
     assert not list(ckpt_dir.glob(".*tmp*")), "temporary checkpoint files left behind"
+
+
+def test_finetune_with_feature_distillation_resumes_mid_stage_bit_exact(tmp_path: Path) -> None:
+    # The feature projection is trained with the student: it must come back from the checkpoint.
+    stages = [{"type": "train", "epochs": 1, "log_every": 4},
+              {"type": "finetune", "epochs": 4, "checkpoint_every": 3, "log_every": 2, "eval_every": 0,
+               "optimizer": {"name": "adamw", "lr": 1.0e-3},
+               "distill": {"teacher": "01-train", "kind": "soft", "feature_weight": 1.0}}]
+    recipe = tiny_recipe(tmp_path / "r.yaml", stages=stages, model=MODEL, data={"limit_train": 256, **DATA})
+    clean = tmp_path / "clean"
+    r = cli("run", str(recipe), "--out", str(clean))
+    assert r.returncode == 0, r.stderr
+
+    killed = tmp_path / "killed"
+    _start_and_kill(recipe, killed, after_step=3, resume=False, stage="02-finetune")
+    assert _latest_step(killed, "02-finetune") < 16
+    r = cli("run", str(recipe), "--out", str(killed), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resuming at epoch" in r.stdout
+
+    a, b = _weights(clean, "02-finetune"), _weights(killed, "02-finetune")
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after kill+resume of the finetune stage"
+    assert any(not torch.equal(a[k], v) for k, v in _weights(clean).items())  # finetuning changed the weights

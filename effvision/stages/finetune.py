@@ -42,7 +42,9 @@ class FinetuneConfig(TrainConfig):
 class FinetuneStage(Stage):
     type = "finetune"
     Config = FinetuneConfig
-    resumable = False  # the projection of feature distillation is not in the trainer's checkpoints
+    # The trainer checkpoints the Distilled module (student + feature projection); the teacher is
+    # frozen and reloaded, so --resume continues mid-stage exactly like train.
+    resumable = True
 
     @classmethod
     def preflight(cls, cfg: FinetuneConfig, recipe: Any, index: int) -> None:
@@ -85,7 +87,7 @@ class FinetuneStage(Stage):
         trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
                           augment=recipe.data.augment, hooks=hooks)
-        result = trainer.fit()
+        result = trainer.fit(resume=ctx.resume)
         final = result.model.student if isinstance(result.model, Distilled) else result.model
         if ctx.dist.is_main:
             save_model(final, spec, ctx.stage_dir / MODEL_DIR)
