@@ -1,12 +1,14 @@
-"""Distributed training: the same recipe on 2 CPU processes (torchrun, DDP over gloo) ends
-where the 1-process run ends, since each step sees the same global batch."""
+"""Distributed training: the same recipe on 2 CPU processes (torchrun over gloo; DDP, and FSDP2
+killed and resumed) ends where the 1-process run ends, since each step sees the same global batch."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -14,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import cli, tiny_recipe
 
 # Stochastic depth would draw different masks per process; everything else is identical.
-TRAIN = {"epochs": 2, "log_every": 2, "eval_every": 0}
+TRAIN = {"epochs": 2, "log_every": 2, "eval_every": 0, "checkpoint_every": 3}
 
 
 def _free_port() -> int:
@@ -23,22 +25,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+def _torchrun(recipe: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "effvision", "run", str(recipe), "--out", str(out), *extra]
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant (torchrun starts its workers in their own sessions)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [c for c, p in parents.items() if p in frontier]
+        tree += frontier
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "01-train" / "model" / "model.safetensors"))
+
+
+def test_two_process_ddp_and_fsdp_match_one_process(tmp_path: Path) -> None:
     recipe = tiny_recipe(tmp_path / "r.yaml", train=TRAIN, deterministic=False)
     one = tmp_path / "one"
     r = cli("run", str(recipe), "--out", str(one), env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
 
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "effvision", "run", str(recipe), "--out", str(two)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(_torchrun(recipe, two), capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
 
     summary = json.loads((two / "01-train" / "summary.json").read_text())
     assert summary["world_size"] == 2
-    a = load_file(str(one / "01-train" / "model" / "model.safetensors"))
-    b = load_file(str(two / "01-train" / "model" / "model.safetensors"))
+    a, b = _weights(one), _weights(two)
     # Two half-batch gradient means averaged by all-reduce equal the full-batch mean up to float
     # rounding; 16 AdamW steps keep that well under 1e-4.
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -47,3 +76,23 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     assert abs(one_sum["top1"] - summary["top1"]) < 1.0
     # Only rank 0 wrote: one metrics file, one set of checkpoints.
     assert len(list((two / "01-train" / "checkpoints").glob("step-*"))) == 1
+
+    # FSDP2: parameters and optimizer state sharded over the 2 processes, killed after its first
+    # checkpoint and resumed from it (full weights and optimizer state gathered into the files).
+    fsdp_recipe = tiny_recipe(tmp_path / "fsdp.yaml", train={**TRAIN, "distributed": "fsdp"}, deterministic=False)
+    fsdp = tmp_path / "fsdp"
+    proc = subprocess.Popen(_torchrun(fsdp_recipe, fsdp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    latest, deadline = fsdp / "01-train" / "checkpoints" / "latest", time.time() + 300
+    while not latest.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    _kill_tree(proc.pid)  # the launcher and both workers, as a lost machine would
+    proc.wait()
+    assert not (fsdp / "01-train" / "summary.json").exists(), "the FSDP run finished before it could be killed"
+    r = subprocess.run(_torchrun(fsdp_recipe, fsdp, "--resume"), capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming at epoch" in r.stdout
+    c = _weights(fsdp)  # a plain timm state dict again, not shards
+    assert c.keys() == a.keys()
+    worst = max(float((a[k] - c[k]).abs().max()) for k in a)
+    assert worst < 1e-4, f"FSDP weights (killed and resumed) differ from 1-process by {worst}"

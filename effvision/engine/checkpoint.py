@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..errors import EffVisionError
 from ..io import atomic_write_text
@@ -53,7 +53,9 @@ class Checkpointer:
         complete = sorted(p for p in self.dir.glob("step-*") if (p / _STATE).is_file() and (p / _WEIGHTS).is_file())
         return complete[-1] if complete else None
 
-    def save(self, model: nn.Module, ema: nn.Module | None, state: dict[str, Any], pos: TrainPosition) -> Path:
+    def save(self, model: nn.Module | dict[str, torch.Tensor], ema: nn.Module | None, state: dict[str, Any],
+             pos: TrainPosition) -> Path:
+        """``model``: the module, or its full state dict (gathered from FSDP shards)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{pos.global_step:08d}"
         tmp = self.dir / f".{name}.tmp{os.getpid()}"
@@ -75,8 +77,14 @@ class Checkpointer:
         for p in old[: max(0, len(old) - (self.keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, path: Path, model: nn.Module, ema: nn.Module | None, map_location: torch.device) -> tuple[dict[str, Any], TrainPosition]:
-        load_weights(model, path / _WEIGHTS, map_location)
+    def weights(self, path: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(path / _WEIGHTS))
+
+    def load(self, path: Path, model: nn.Module | None, ema: nn.Module | None,
+             map_location: torch.device) -> tuple[dict[str, Any], TrainPosition]:
+        """The state and position; the weights into ``model`` unless None (FSDP loads its own)."""
+        if model is not None:
+            load_weights(model, path / _WEIGHTS, map_location)
         if ema is not None and (path / _EMA).is_file():
             load_weights(ema, path / _EMA, map_location)
         try:
@@ -86,5 +94,6 @@ class Checkpointer:
         return state, TrainPosition(**state.pop("position"))
 
 
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+def _state_dict(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = model if isinstance(model, dict) else _unwrap(model).state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}

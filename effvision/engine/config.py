@@ -39,6 +39,7 @@ class TrainConfig:
     eval_tta_flip: bool = False            # average logits over the image and its mirror
     checkpoint_every: int = 0              # steps between checkpoints (0: at each epoch end)
     log_every: int = 20                    # steps between metrics.jsonl records (and NaN checks)
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2 fully_shard)
     grad_accum_steps: int = 1              # split each batch into this many micro-batches (same updates, less memory)
     log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / CSV / W&B beside metrics.jsonl
     budget_s: float | None = None          # train for this many seconds of training time (LR keyed to the clock)
@@ -64,6 +65,9 @@ class TrainConfig:
                               f"gradient before any step); use amp bf16")
         if self.log_every <= 0 or self.checkpoint_every < 0 or self.eval_every < 0:
             raise ConfigError(f"{where}: log_every must be positive; checkpoint_every, eval_every non-negative")
+        if self.distributed == "fsdp" and self.ema_decay:
+            raise ConfigError(f"{where}: ema_decay keeps a full copy of the model on every process, which "
+                              f"distributed: fsdp exists to avoid; drop one of them")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"{where}.grad_accum_steps must be at least 1")
         if self.grad_accum_steps > 1 and self.optimizer.layerwise:

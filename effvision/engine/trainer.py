@@ -36,6 +36,7 @@ from .checkpoint import Checkpointer, TrainPosition
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object
 from .evaluate import autocast, evaluate
+from .fsdp import Sharded, local_values
 from .hooks import Hooks
 from .loggers import RunLogger
 from .optim import create_optimizer
@@ -75,6 +76,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        # FSDP2 shards the parameters in place, so before the optimizer sees them.
+        self.sharded = Sharded(self.model) if self.dist.enabled and cfg.distributed == "fsdp" else None
         self.optimizer = create_optimizer(self.model, cfg.optimizer)
         # Per-layer optimizers (GaLore layerwise) step each parameter inside backward.
         self.layerwise = bool(getattr(self.optimizer, "layerwise", False))
@@ -101,7 +104,7 @@ class Trainer:
         # The module the loop calls: DDP, then torch.compile, around the plain model.
         self.train_module: nn.Module = self.model
         self.ddp: DistributedDataParallel | None = None
-        if self.dist.enabled:
+        if self.dist.enabled and self.sharded is None:
             self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
             self.train_module = self.ddp
         if cfg.compile:
@@ -135,7 +138,8 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+        optimizer = self.sharded.optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
+        state: dict[str, Any] = {"optimizer": optimizer, "rng": torch.get_rng_state(),
                                  "progress": {"train_time_s": self.train_time, "images_seen": self.images_seen,
                                               "budget_used_s": self.budget_used}}
         if self.scheduler is not None:
@@ -148,19 +152,29 @@ class Trainer:
 
     def _save(self, pos: TrainPosition) -> None:
         # A finite loss can still leave non-finite weights (an inf gradient): never save those.
-        if not bool(torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()):
+        finite = torch.stack([local_values(p).detach().isfinite().all() for p in self.model.parameters()]).all()
+        if self.sharded is not None:  # every rank holds a shard: all must be finite
+            finite = all_reduce_mean(finite.float()) == 1
+        if not bool(finite):
             raise TrainingDiverged(f"weights are not finite after update {pos.global_step}; the last good checkpoint "
                                    f"is kept in {self.checkpointer.dir} (lower the learning rate)")
+        # Under FSDP gathering the full weights and optimizer state is collective: every rank.
+        weights = self.sharded.model_state() if self.sharded else self.model
+        state = self._state() if self.sharded or self.dist.is_main else {}
         if self.dist.is_main:
-            self.checkpointer.save(self.model, self.ema.module if self.ema else None, self._state(), pos)
+            self.checkpointer.save(weights, self.ema.module if self.ema else None, state, pos)
         barrier()
 
     def _restore(self) -> TrainPosition:
         path = self.checkpointer.latest()
         if path is None:
             return TrainPosition()
-        state, pos = self.checkpointer.load(path, self.model, self.ema.module if self.ema else None, self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded is not None:  # every rank reads the full checkpoint and keeps its shards
+            state, pos = self.checkpointer.load(path, None, None, self.device)
+            self.sharded.load(self.checkpointer.weights(path), self.optimizer, state["optimizer"])
+        else:
+            state, pos = self.checkpointer.load(path, self.model, self.ema.module if self.ema else None, self.device)
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
@@ -244,6 +258,10 @@ class Trainer:
             metrics.update(budget_s=self.cfg.budget_s, budget_used_s=self.budget_used, steps_done=pos.global_step,
                            eval_time_s=self.eval_time, checkpoint_time_s=self.checkpoint_time)
         final = self.ema.module if self.ema is not None else self.model
+        if self.sharded is not None:
+            weights = self.sharded.model_state()  # collective; full on rank 0
+            if self.dist.is_main:
+                final = self.sharded.unsharded(weights)
         return TrainResult(final, metrics, self.train_time)
 
     def _train_epoch(self, epoch: int, start_step: int, pos: TrainPosition, bar: tqdm) -> TrainPosition:
@@ -370,9 +388,10 @@ class Trainer:
         return self.cfg.budget_s is not None and self.budget_used >= self.cfg.budget_s
 
     def _evaluate(self) -> dict[str, Any]:
-        """Rank 0 evaluates; every rank gets the metrics (hooks on all ranks may read them)."""
+        """Rank 0 evaluates (under FSDP every rank runs the forward passes: each holds a shard);
+        every rank gets the metrics (hooks on all ranks may read them)."""
         out: dict[str, Any] = {}
-        if self.dist.is_main:
+        if self.dist.is_main or self.sharded is not None:
             model = self.ema.module if self.ema is not None else self.model
             out = evaluate(model, self.loaders.eval, self.device, self.amp, self.cfg.eval_tta_flip)
         return broadcast_object(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ...errors import EffVisionError
-from .calibrate import calibrate
+from .calibrate import calibrate, calibrate_with
 from .config import QuantConfig
 from .fake_quant import QuantLinear, quant_modules, swap_module
 
@@ -55,9 +56,12 @@ def check_calibration_set(batches: list[Batch], cfg: QuantConfig) -> int:
     return n
 
 
-def quantize_(model: nn.Module, cfg: QuantConfig, calib: list[Batch], val: list[Batch] | None = None,
-              progress: bool = True) -> QuantReport:
-    check_calibration_set(calib, cfg)
+def quantize_(model: nn.Module, cfg: QuantConfig, calib: list[Batch] | Callable[[nn.Module], Any],
+              val: list[Batch] | None = None, progress: bool = True) -> QuantReport:
+    """``calib``: (x, y) batches, or a forward loop ``calib(model)`` that runs the calibration
+    data through the model (ModelOpt's convention; any data pipeline, any input format)."""
+    if not callable(calib):
+        check_calibration_set(calib, cfg)
     targets = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)
                and not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)]
     if not targets:
@@ -66,7 +70,12 @@ def quantize_(model: nn.Module, cfg: QuantConfig, calib: list[Batch], val: list[
     modules = dict(model.named_modules())
     for name in targets:
         swap_module(modules[name], cfg.precision, cfg.learnable_scales, cfg.target == "ort-cpu")
-    seen = calibrate(model, (x for x, _ in calib), cfg.calib_batches, cfg.calib_method, cfg.percentile, progress)
+    if callable(calib):
+        seen = calibrate_with(model, calib, cfg.calib_method, cfg.percentile)
+        if seen < cfg.min_calib_samples:
+            raise EffVisionError(f"the calibration loop ran {seen} images < min_calib_samples {cfg.min_calib_samples}")
+    else:
+        seen = calibrate(model, (x for x, _ in calib), cfg.calib_batches, cfg.calib_method, cfg.percentile, progress)
     report = QuantReport(quantized=sorted(quant_modules(model)), calib_samples=seen, float_top1=float_top1)
     if val:
         report.quant_top1 = top1(model, val)

@@ -8,7 +8,9 @@ candidates up to max, that minimises the mean squared int8 quantization error on
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,7 +20,7 @@ from ...errors import EffVisionError
 from .fake_quant import Quantizer
 from .qdq_op import FP8_MAX
 
-__all__ = ["Calibrator", "calibrate", "CALIB_METHODS"]
+__all__ = ["Calibrator", "calibrate", "calibrate_with", "CALIB_METHODS"]
 
 CALIB_METHODS = ("max", "percentile", "mse")
 _SAMPLES_PER_BATCH = 1 << 16  # a random subset of |x| per batch bounds memory on large activations
@@ -63,33 +65,43 @@ class Calibrator:
         return best
 
 
-@torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: int, method: str = "max",
               percentile: float = 99.99, progress: bool = True) -> int:
     """Run ``num_batches`` batches through ``model`` observing every enabled activation quantizer,
     then set their amax. Returns the number of samples seen."""
+    def forward_loop(m: nn.Module) -> None:
+        bar = tqdm(total=num_batches, desc=f"calibrate ({method})", disable=not progress, leave=False)
+        for x in itertools.islice(batches, num_batches):
+            m(x)
+            bar.update(1)
+        bar.close()
+
+    return calibrate_with(model, forward_loop, method, percentile)
+
+
+@torch.no_grad()
+def calibrate_with(model: nn.Module, forward_loop: Callable[[nn.Module], Any], method: str = "max",
+                   percentile: float = 99.99) -> int:
+    """``forward_loop(model)`` runs the calibration data through ``model`` (ModelOpt's convention)
+    while every enabled activation quantizer observes; then their amax is set. Returns the
+    number of samples seen."""
     quantizers = [q for n, q in model.named_modules() if isinstance(q, Quantizer)
                   and q.axis is None and q.enabled]
     for q in quantizers:
         q.calibrator = Calibrator(method, percentile, q.fmt)
-    seen = 0
+    seen = [0]
+    count = model.register_forward_pre_hook(lambda m, args: seen.__setitem__(0, seen[0] + len(args[0])))
     was_training = model.training
     model.eval()
     try:
-        bar = tqdm(total=num_batches, desc=f"calibrate ({method})", disable=not progress, leave=False)
-        for i, x in enumerate(batches):
-            if i >= num_batches:
-                break
-            model(x)
-            seen += len(x)
-            bar.update(1)
-        bar.close()
-        if seen == 0:
+        forward_loop(model)
+        if seen[0] == 0:
             raise EffVisionError("calibration saw no data (empty calibration set)")
         for q in quantizers:
             q.amax.data.fill_(max(q.calibrator.amax(), 1e-8))  # type: ignore[union-attr]
     finally:
+        count.remove()
         for q in quantizers:
             q.calibrator = None
         model.train(was_training)
-    return seen
+    return seen[0]
