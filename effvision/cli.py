@@ -1,4 +1,4 @@
-"""The effvision command line: run, eval, export, bench, models.
+"""The effvision command line: run, eval, export, bench, models, and prune/quantize for a model dir.
 
 Bad input (recipe, model, dataset, checkpoint, NaN loss, ...) prints one line and exits with
 code 2; --debug shows the traceback instead.
@@ -26,6 +26,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_dir = run_recipe(args.recipe, args.out, args.set, args.resume)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _run_generated(recipe: dict[str, Any], args: argparse.Namespace) -> int:
+    """Run a recipe made by a command (prune, quantize); the run dir keeps it as recipe.yaml."""
+    import tempfile
+
+    import yaml
+
+    from .pipeline import run_recipe
+
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        run_dir = run_recipe(path, out, args.set, args.resume)
+    print(f"run directory: {run_dir} (rerun or edit: effvision run {run_dir / 'recipe.yaml'} --out {run_dir})")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .one_stage import model_dir_recipe
+
+    ratios = {k: getattr(args, k) for k in ("ratio", "heads", "mlp", "width", "channels") if getattr(args, k) is not None}
+    if not ratios:
+        raise EffVisionError("give --ratio (every kind) or per kind --heads/--mlp/--width/--channels")
+    stages: list[dict[str, Any]] = [{"type": "prune", "criterion": args.criterion, **ratios}]
+    if args.finetune_epochs:  # recover, distilled from the model as it was before pruning
+        stages.append({"type": "finetune", "epochs": args.finetune_epochs,
+                       "distill": {"teacher": str(Path(args.model_dir).resolve())}})
+    stages.append({"type": "eval"})
+    return _run_generated(model_dir_recipe(args.model_dir, stages, args.data, args.data_root, args.batch_size,
+                                           args.device), args)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .one_stage import model_dir_recipe
+
+    stages = [{"type": "quantize", "precision": args.precision, "target": args.target,
+               "calib_batches": args.calib_batches}, {"type": "export", "format": "onnx"}]
+    return _run_generated(model_dir_recipe(args.model_dir, stages, args.data, args.data_root, args.batch_size,
+                                           args.device), args)
 
 
 def _newest_model_dir(run_dir: Path) -> Path:
@@ -159,6 +200,13 @@ examples:
   effvision bench deit_tiny_patch16_224 --backend torch ort --batch-size 32
   effvision bench runs/quick --backend ort ort-int8 --json bench.json
   effvision bench model.onnx --backend ort --batch-size 1""",
+    "prune": """examples:
+  effvision prune runs/quick/01-train/model --mlp 0.5 --heads 0.25 --out runs/pruned
+  effvision prune runs/quick/01-train/model --ratio 0.3 --finetune-epochs 5 --out runs/pruned-ft
+  effvision prune MODEL_DIR --data cifar10 --data-root ../shared/datasets/cifar10 --ratio 0.4 --out runs/p""",
+    "quantize": """examples:
+  effvision quantize runs/quick/01-train/model --target ort-cpu --out runs/int8
+  effvision quantize runs/pruned/01-prune/model --target tensorrt --out runs/pruned-int8""",
     "models": """examples:
   effvision models --filter deit
   effvision models --filter "mobilenetv4_*" --bench cpu --out speed/   # measured latency + plot""",
@@ -225,6 +273,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's/onnxruntime's own)")
     b.add_argument("--json", help="write results to this JSON file (must not exist)")
     b.set_defaults(fn=_cmd_bench)
+
+    for name, fn, text in (("prune", _cmd_prune, "structured pruning of a saved model dir (no recipe needed)"),
+                           ("quantize", _cmd_quantize, "INT8/FP8 post-training quantization of a saved model dir, "
+                                                      "exported to QDQ ONNX")):
+        c = _sub(sub, name, text + "; writes the one-stage recipe it ran into the run dir")
+        c.add_argument("model_dir", help="a model directory (a run's <stage>/model, or one saved by effvision.save)")
+        c.add_argument("--out", required=True, help="run directory for the result")
+        c.add_argument("--data", default="digits", choices=["digits", "cifar10", "imagefolder"],
+                       help="data for calibration and evaluation")
+        c.add_argument("--data-root", help="folder or .tar.gz of the dataset (cifar10, imagefolder)")
+        c.add_argument("--batch-size", type=int, default=64, help="images per batch")
+        c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+        c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value of the generated recipe, e.g. stages.prune.criterion=l1")
+        c.add_argument("--resume", action="store_true", help="continue an interrupted run")
+        if name == "prune":
+            for kind, what in (("ratio", "every kind"), ("heads", "attention heads"), ("mlp", "MLP hidden units"),
+                               ("width", "ViT embedding width"), ("channels", "conv/linear channels elsewhere")):
+                c.add_argument(f"--{kind}", type=float, help=f"fraction of {what} removed, in (0, 1)")
+            c.add_argument("--criterion", default="l2", choices=["l1", "l2", "random", "taylor", "obd"],
+                           help="importance ranking (taylor and obd use the data)")
+            c.add_argument("--finetune-epochs", type=int, default=0,
+                           help="then fine-tune this many epochs, distilled from the unpruned model")
+        else:
+            c.add_argument("--precision", default="int8", choices=["int8", "fp8"], help="quantized format")
+            c.add_argument("--target", default="ort-cpu", choices=["ort-cpu", "tensorrt"],
+                           help="runtime the QDQ graph is laid out for")
+            c.add_argument("--calib-batches", type=int, default=8, help="training batches to calibrate on")
+        c.set_defaults(fn=fn)
 
     m = _sub(sub, "models", "list efficient backbones with params and GMACs (and measured latency)")
     m.add_argument("--filter", help="name pattern (fnmatch, or a substring)")
