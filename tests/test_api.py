@@ -34,6 +34,9 @@ def test_readme_example_runs_as_written(tmp_path: Path) -> None:
     # The saved dir is an effvision model dir: it reloads pruned and quantized, same outputs.
     model, spec = ev.load(tmp_path / "out/student")
     assert spec.pruned and (tmp_path / "out/student/quant.json").is_file()
+    # timm's config.json says it is not a plain timm checkpoint, and how to load it.
+    marked = json.loads((tmp_path / "out/student/config.json").read_text())["effvision"]
+    assert marked == {"pruned": True, "quantized": True, "load_with": "effvision.models.load_model(DIR)"}
 
 
 def _micro() -> torch.nn.Module:

@@ -97,12 +97,14 @@ def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(directory / WEIGHTS_FILE)
-    atomic_write_text(directory / TIMM_CONFIG_FILE, json.dumps(timm_config(spec), indent=2))
+    # A quantized dir (quant.json written first) holds fake-quant parameters timm does not know.
+    quantized = (directory / "quant.json").is_file()
+    atomic_write_text(directory / TIMM_CONFIG_FILE, json.dumps(timm_config(spec, quantized), indent=2))
     atomic_write_text(directory / SPEC_FILE, spec.to_json())
     return directory
 
 
-def timm_config(spec: ModelSpec) -> dict[str, Any]:
+def timm_config(spec: ModelSpec, quantized: bool = False) -> dict[str, Any]:
     """The model dir's ``config.json`` in timm's hub layout (architecture, num_classes, label
     names, model_args and pretrained_cfg with the input size and normalization), so timm and
     tools built on it load a dense model dir as ``timm.create_model("local-dir:DIR",
@@ -119,8 +121,10 @@ def timm_config(spec: ModelSpec) -> dict[str, Any]:
     }
     if spec.class_names:
         cfg["label_names"] = list(spec.class_names)
-    if spec.pruned:
-        cfg["effvision"] = {"pruned": True, "load_with": "effvision.models.load_model(DIR)"}
+    if spec.pruned or quantized:
+        # Not a plain timm checkpoint: timm's strict load would fail on it; effvision rebuilds it.
+        cfg["effvision"] = {"pruned": bool(spec.pruned), "quantized": quantized,
+                            "load_with": "effvision.models.load_model(DIR)"}
     return cfg
 
 
