@@ -38,6 +38,7 @@ class EarlyExitStageConfig(TrainConfig):
 class EarlyExitStage(Stage):
     type = "early_exit"
     Config = EarlyExitStageConfig
+    resumable = True  # the trainer's checkpoints hold the heads with the backbone
 
     @classmethod
     def preflight(cls, cfg: EarlyExitStageConfig, recipe: Any, index: int) -> None:
