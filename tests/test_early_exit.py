@@ -69,7 +69,7 @@ def test_early_exit_stage_trains_calibrates_and_saves(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "run" / "02-early_exit" / "summary.json").read_text())
     assert 0.0 < s["blocks_fraction"] <= 1.0 and set(s["exit_top1"]) == {"1"}
-    assert s["latency"]["images"] == 8 and s["latency"]["early_exit_ms_p50"] > 0
+    assert s["latency"]["torch"]["images"] == 8 and s["latency"]["onnxruntime"]["early_exit_ms_p50"] > 0
     # The model dir rebuilds the heads (spec transform) and keeps the calibrated policy.
     model, spec = load_model(tmp_path / "run" / "02-early_exit" / "model")
     assert spec.transforms[-1]["name"] == "early_exit" and model.exit_policy == ("confidence", s["threshold"])
@@ -79,3 +79,20 @@ def test_early_exit_stage_trains_calibrates_and_saves(tmp_path: Path) -> None:
     r = cli("run", str(bad), "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "stages[1].exits.after" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_onnx_multi_exit_graph_and_segment_runner_match_pytorch(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from effvision.dynamic.early_exit_onnx import OrtEarlyExit, export_early_exit
+
+    model = attach_exits_(_model(), [1])
+    manifest = export_early_exit(model, tmp_path, (3, 32, 32), threshold=0.5, criterion="confidence")
+    assert all(err < 1e-4 for err in manifest["parity_max_abs_error"].values())
+    assert [s["blocks"] for s in manifest["segments"]] == [[0, 2], [2, 4]]
+    x = torch.randn(1, 3, 32, 32)
+    for threshold in (0.0, 1.01):  # stops at the exit / runs every block
+        runner = OrtEarlyExit(tmp_path)
+        runner.threshold = threshold
+        got, run = runner(x.numpy())
+        ref, ref_run = run_early_exit(model, x, threshold)
+        assert run == ref_run and abs(got - ref.numpy()).max() < 1e-4

@@ -4,6 +4,7 @@ the fraction of blocks run on the test set and batch-1 latency on this machine."
 from __future__ import annotations
 
 import itertools
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class EarlyExitStageConfig(TrainConfig):
     type: str = "early_exit"
     exits: ExitConfig = field(default_factory=ExitConfig)
     latency_images: int = 64    # test images timed one by one (full model vs early exit), on the CPU
+    onnx: bool = True           # also export the segment graphs and time the onnxruntime runner
 
     def validate(self, where: str) -> None:
         super().validate(where)
@@ -70,12 +72,20 @@ class EarlyExitStage(Stage):
         else:
             threshold, policy = cfg.exits.threshold, {"threshold": cfg.exits.threshold}
         test = _test_report(model, loaders.eval, threshold, cfg.exits.criterion)
-        latency = _batch1_latency(model, loaders.eval, threshold, cfg.exits.criterion, cfg.latency_images)
+        latency = {"torch": _batch1_latency(model, loaders.eval, threshold, cfg.exits.criterion, cfg.latency_images)}
         spec.transforms = [*spec.transforms, exit_entry(cfg.exits.after, cfg.exits.criterion, threshold)]
         save_model(model, spec, ctx.stage_dir / MODEL_DIR)
+        if cfg.onnx:  # the segment graphs and their batch-1 runner, timed beside the plain graph
+            from ..dynamic.early_exit_onnx import export_early_exit, ort_batch1_latency
+
+            folder = ctx.stage_dir / "onnx"
+            shutil.rmtree(folder, ignore_errors=True)  # this stage's own output, redone on --resume
+            export_early_exit(model, folder, (spec.in_chans, spec.img_size, spec.img_size), threshold,
+                              cfg.exits.criterion)
+            latency["onnxruntime"] = ort_batch1_latency(folder, _images(loaders.eval, cfg.latency_images).numpy())
         return {"top1": test["early_exit_top1"], **test, "calibration": policy, "threshold": threshold,
                 "criterion": cfg.exits.criterion, "exits_after": list(cfg.exits.after), "latency": latency,
-                "train_time_s": result.train_time, "model": spec.name, "wall_time_s": time.perf_counter() - t0}
+                "train_time_s": result.train_time_s, "model": spec.name, "wall_time_s": time.perf_counter() - t0}
 
 
 @torch.no_grad()
@@ -100,12 +110,23 @@ def _test_report(model: torch.nn.Module, loader: Any, threshold: float, criterio
             "exit_share": [float((first == e).float().mean()) for e in range(len(logits))]}
 
 
+def _images(loader: Any, n: int) -> torch.Tensor:
+    """The first ``n`` test images on the CPU, (n, C, H, W)."""
+    out, seen = [], 0
+    for x, _ in loader.epoch(0):
+        out.append(x.cpu())
+        seen += len(x)
+        if seen >= n:
+            break
+    return torch.cat(out)[:n]
+
+
 @torch.no_grad()
 def _batch1_latency(model: torch.nn.Module, loader: Any, threshold: float, criterion: str, n: int) -> dict[str, Any]:
     """Per-image latency on the CPU, the full forward and the early-exit runner alternating image
     by image (the same load on both), medians in ms."""
     cpu = model.cpu().eval()
-    images = torch.cat([x.cpu() for x, _ in itertools.islice(loader.epoch(0), max(1, n // 8 + 1))])[:n]
+    images = _images(loader, n)
     full, early = [], []
     for x in images[:3]:  # warm-up
         cpu(x[None]), run_early_exit(cpu, x[None], threshold, criterion)
