@@ -1,5 +1,7 @@
 """Dynamic inference: token merging (ToMe) and token pruning (EViT) as model transforms that
-persist in the model spec and export to ONNX with gathers, matmuls and top-k only."""
+persist in the model spec and export to ONNX with gathers, matmuls and top-k only; early exit
+heads with a calibrated exit policy (``early_exit``)."""
+from .early_exit import ExitConfig, attach_exits_, run_early_exit
 from .reduce import TokenReduceConfig, reduce_tokens_
 
-__all__ = ["TokenReduceConfig", "reduce_tokens_"]
+__all__ = ["ExitConfig", "attach_exits_", "run_early_exit", "TokenReduceConfig", "reduce_tokens_"]
