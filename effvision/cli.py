@@ -55,7 +55,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     src = Path(args.run_dir)
     model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
     out = Path(args.out) if args.out else src / f"export-{args.format}-opset{args.opset}"
-    if args.format == "tensorrt" or args.precision != "auto" or args.target is not None:
+    if args.format == "tensorrt" or args.precision != "auto" or args.target is not None or args.trt_check != "auto":
         from effvision.export.deploy_cli import export_for_target
 
         print(json.dumps(export_for_target(model_dir, out, args), indent=2))
@@ -79,7 +79,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for backend in args.backend:
         r = benchmark(args.target, backend, args.device, args.batch_size, args.img_size, args.warmup, args.iters,
                       args.amp, args.channels_last, args.threads)
-        print(f"{backend:8s} {args.device:5s} batch {args.batch_size:4d}: {r['img_per_s']:10.1f} img/s  "
+        print(f"{backend:8s} {r['device']:5s} batch {args.batch_size:4d}: {r['img_per_s']:10.1f} img/s  "
               f"p50 {r['latency_ms_p50']:.2f} ms  p90 {r['latency_ms_p90']:.2f} ms")
         results.append(r)
     if out is not None:
@@ -158,7 +158,8 @@ examples:
     "bench": """examples:
   effvision bench deit_tiny_patch16_224 --backend torch ort --batch-size 32
   effvision bench runs/quick --backend ort ort-int8 --json bench.json
-  effvision bench model.onnx --backend ort --batch-size 1""",
+  effvision bench model.onnx --backend ort --batch-size 1
+  effvision bench runs/quick --backend ort trt --batch-size 32   # trt: needs tensorrt and a GPU""",
     "models": """examples:
   effvision models --filter deit
   effvision models --filter "mobilenetv4_*" --bench cpu --out speed/   # measured latency + plot""",
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--target", choices=["tensorrt", "jetpack5", "ort-cpu"],
                    help="runtime the graph is for (default: the quantized model's, else tensorrt)")
     x.add_argument("--profile", default="1,8,32", help="TensorRT batch profile MIN,OPT,MAX")
+    x.add_argument("--trt-check", default="auto", choices=["auto", "parser", "offline"],
+                   help="TensorRT check: its own ONNX parser (needs tensorrt and a GPU), the offline op list, "
+                        "or auto (the parser where it runs)")
     x.add_argument("--opset", type=int, default=18, help="ONNX opset")
     x.add_argument("--out", help="output folder (default: RUN_DIR/export-<format>-opset<N>)")
     x.add_argument("--static-batch", action="store_true", help="fix the batch axis to 1")
@@ -213,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = _sub(sub, "bench", "inference throughput and latency")
     b.add_argument("target", help="timm model name, model dir, run dir or .onnx file")
     b.add_argument("--backend", nargs="+", default=["torch"],
-                   choices=["torch", "compile", "ort", "ort-int8", "openvino", "openvino-int8"],
-                   help="one or more; *-int8 need a quantized model; openvino needs the openvino package")
+                   choices=["torch", "compile", "ort", "ort-int8", "openvino", "openvino-int8", "trt"],
+                   help="one or more; *-int8 need a quantized model; openvino needs the openvino package; "
+                        "trt: a TensorRT engine on the GPU (needs tensorrt; TARGET may be a .engine file)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ort runs on the cpu")
     b.add_argument("--batch-size", type=int, default=32, help="images per call")
     b.add_argument("--img-size", type=int, help="input size (default: the model's own)")
