@@ -57,8 +57,8 @@ def _precision(model_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
         raise EffVisionError(f"unknown precision '{cfg.precision}' (available: {', '.join(PRECISIONS)})")
     if cfg.target not in TARGET_PLATFORMS:
         raise EffVisionError(f"unknown target '{cfg.target}' (available: {', '.join(TARGET_PLATFORMS)})")
-    if quant is None:
-        return ("fp32" if cfg.precision == "auto" else cfg.precision), None
+    if quant is None or not quant["modules"]:  # int8_layers: measured may return every layer to float
+        return ("fp32" if cfg.precision == "auto" else cfg.precision), quant
     if cfg.precision != "auto":
         raise EffVisionError(f"{model_dir} is quantized ({quant['precision']}); export it with precision auto, "
                              f"or export the float model before the quantize stage for {cfg.precision}")
