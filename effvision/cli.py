@@ -87,6 +87,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .models.hub import push_to_hub, stage_for_hub
+
+    src = Path(args.model_dir)
+    model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
+    if args.stage_only:
+        print(f"staged {stage_for_hub(model_dir, args.stage_only, args.repo)} (nothing uploaded)")
+        return 0
+    print(json.dumps(push_to_hub(model_dir, args.repo, args.private), indent=2))
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models.catalog import list_efficient_models, model_cost
 
@@ -160,6 +172,10 @@ examples:
   effvision bench runs/quick --backend ort ort-int8 --json bench.json
   effvision bench model.onnx --backend ort --batch-size 1
   effvision bench runs/quick --backend ort trt --batch-size 32   # trt: needs tensorrt and a GPU""",
+    "push": """examples:
+  effvision push runs/quick --repo alice/vit-micro-digits             # needs HF_TOKEN or `hf auth login`
+  effvision push runs/quick/01-train/model --repo alice/vit-micro --private
+  effvision push runs/quick --repo alice/vit-micro --stage-only hub/   # write the folder, upload nothing""",
     "models": """examples:
   effvision models --filter deit
   effvision models --filter "mobilenetv4_*" --bench cpu --out speed/   # measured latency + plot""",
@@ -230,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's/onnxruntime's own)")
     b.add_argument("--json", help="write results to this JSON file (must not exist)")
     b.set_defaults(fn=_cmd_bench)
+
+    h = _sub(sub, "push", "upload a model to the Hugging Face Hub (timm's hub layout + model card)")
+    h.add_argument("model_dir", help="a model directory, or a run directory (its newest model)")
+    h.add_argument("--repo", required=True, help="Hub repository USER/NAME (created if new)")
+    h.add_argument("--private", action="store_true", help="create the repository as private")
+    h.add_argument("--stage-only", metavar="DIR", help="write the folder that would be uploaded to DIR; no upload")
+    h.set_defaults(fn=_cmd_push)
 
     m = _sub(sub, "models", "list efficient backbones with params and GMACs (and measured latency)")
     m.add_argument("--filter", help="name pattern (fnmatch, or a substring)")
