@@ -10,9 +10,8 @@ import timm
 import torch
 
 import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
+from effvision.cli import main
 from effvision.models import ModelSpec, load_model, save_model
-
-from conftest import cli
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +24,9 @@ def model_dir(tmp_path_factory) -> Path:
     return save_model(create_model(spec), spec, tmp_path_factory.mktemp("hub") / "model")
 
 
-def test_staged_folder_loads_in_timm(model_dir: Path, tmp_path: Path) -> None:
+def test_staged_folder_loads_in_timm(model_dir: Path, tmp_path: Path, capsys) -> None:
     staged = tmp_path / "hub"
-    p = cli("push", str(model_dir), "--repo", "alice/vit-micro", "--stage-only", str(staged))
-    assert p.returncode == 0, p.stderr
+    assert main(["push", str(model_dir), "--repo", "alice/vit-micro", "--stage-only", str(staged)]) == 0
     assert sorted(f.name for f in staged.iterdir()) == ["README.md", "config.json", "model.json", "model.safetensors"]
     card = (staged / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: timm") and 'timm.create_model("hf-hub:alice/vit-micro"' in card
@@ -37,16 +35,27 @@ def test_staged_folder_loads_in_timm(model_dir: Path, tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(hub_model(x), ref.eval()(x))
-    again = cli("push", str(model_dir), "--repo", "alice/vit-micro", "--stage-only", str(staged))
-    assert again.returncode == 2 and "exists already" in again.stderr
+    capsys.readouterr()
+    assert main(["push", str(model_dir), "--repo", "alice/vit-micro", "--stage-only", str(staged)]) == 2
+    assert "exists already" in capsys.readouterr().err
 
 
-def test_push_without_token_or_network_is_one_line_exit_2(model_dir: Path, tmp_path: Path) -> None:
-    # an empty HF_TOKEN counts as none; a fresh HF_HOME has no stored token either
-    base = {"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
-    cases = [({}, "no Hugging Face token"), ({"HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set")]
-    for extra, message in cases:
-        p = cli("push", str(model_dir), "--repo", "alice/vit-micro", env={**base, **extra})
-        assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    bad = cli("push", str(model_dir), "--repo", "no-slash")
-    assert bad.returncode == 2 and "expected USER/NAME" in bad.stderr
+def test_push_without_token_or_network_is_one_line_exit_2(model_dir: Path, tmp_path: Path, capsys,
+                                                          monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    # no token: an empty HF_TOKEN counts as none and the token file is a missing one; the Hub is
+    # marked offline too (what HF_HUB_OFFLINE=1 sets at import), so a developer's own token
+    # could never reach the Hub from this test
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["push", str(model_dir), "--repo", "alice/vit-micro"]) == 2
+    err = capsys.readouterr().err
+    assert "no Hugging Face token" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_token")  # a token, but the Hub is offline
+    assert main(["push", str(model_dir), "--repo", "alice/vit-micro"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    assert main(["push", str(model_dir), "--repo", "no-slash"]) == 2
+    assert "expected USER/NAME" in capsys.readouterr().err

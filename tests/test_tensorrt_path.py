@@ -13,6 +13,7 @@ import timm
 import torch
 
 import effvision.models  # noqa: F401
+from effvision.cli import main
 from effvision.export import DeployConfig, export_deployable
 from effvision.export.tensorrt_runtime import MIN_SQNR_DB, compare_logits
 from effvision.models import ModelSpec, save_model
@@ -52,13 +53,14 @@ def test_manifest_records_which_check_ran(model_dir: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.skipif(_trt_gpu(), reason="TensorRT and a GPU are here: the missing-TensorRT messages do not apply")
-def test_missing_tensorrt_is_one_line_exit_2(model_dir: Path, tmp_path: Path) -> None:
-    p = cli("export", str(model_dir), "--trt-check", "parser", "--out", str(tmp_path / "x"))
-    assert p.returncode == 2 and "--trt-check parser: the tensorrt Python package is not importable" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()  # before any work
-    p = cli("bench", str(model_dir), "--backend", "trt")
-    assert p.returncode == 2 and "backend trt: the tensorrt Python package" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+def test_missing_tensorrt_is_one_line_exit_2(model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", str(model_dir), "--trt-check", "parser", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--trt-check parser: the tensorrt Python package is not importable" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()  # before any work
+    assert main(["bench", str(model_dir), "--backend", "trt"]) == 2
+    err = capsys.readouterr().err
+    assert "backend trt: the tensorrt Python package" in err and len(err.strip().splitlines()) == 1
 
 
 def test_compare_logits_sqnr() -> None:
