@@ -60,21 +60,24 @@ def parser_violations(path: str | Path) -> tuple[list[Violation], str]:
     unsupported becomes a Violation. Returns (violations, TensorRT version)."""
     trt = require_tensorrt("--trt-check parser")
     builder, logger = _builder(trt, "--trt-check parser")
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
+
+    def fresh_parser() -> Any:  # each pass on its own network: supports_model_v2 may fill one
+        return trt.OnnxParser(builder.create_network(network_flags(trt)), logger)
+
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     names = [n.name or f"<unnamed {n.op_type}>" for n in model.graph.node]
     ops = [n.op_type for n in model.graph.node]
     out: list[Violation] = []
     # supports_model_v2 (TensorRT >= 10.1) lists every unsupported subgraph, where parse stops at the first error
+    parser = fresh_parser()
     if hasattr(parser, "supports_model_v2"):
         parser.supports_model_v2(path.read_bytes(), str(path))
         for i in range(parser.num_subgraphs):
             if not parser.is_subgraph_supported(i):
                 for idx in parser.get_subgraph_nodes(i):
                     out.append(Violation(names[idx], ops[idx], "TensorRT's parser does not support this node"))
-        parser.clear_errors()
+        parser = fresh_parser()
     ok = parser.parse_from_file(str(path), int(trt.Logger.ERROR))
     for i in range(parser.num_errors):
         err = parser.get_error(i)

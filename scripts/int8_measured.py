@@ -7,7 +7,7 @@ Each run: the model (random init, seed 0; speed does not depend on the weights) 
 every block leave-one-out, round-robin, in onnxruntime.
 
     .venv/bin/python scripts/int8_measured.py [--model vit_micro_patch4_32] [--img-size 32]
-        [--runs 2] [--rounds 15] [--batch-size 8] [--margin 0.05] [--json OUT]
+        [--runs 2] [--rounds 15] [--batch-size 8] [--min-wins 0.8] [--json OUT]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def one_run(args: argparse.Namespace) -> dict:
     model = create_model(ModelSpec(name=args.model, num_classes=10, img_size=args.img_size)).eval()
     x = torch.randn(32, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1))
     cfg = QuantConfig(target="ort-cpu", calib_batches=2, min_calib_samples=16, int8_layers="measured",
-                      int8_rounds=args.rounds, int8_batch_size=args.batch_size, int8_margin=args.margin)
+                      int8_rounds=args.rounds, int8_batch_size=args.batch_size, int8_min_wins=args.min_wins)
     quantize_(model, cfg, [(x[:16], None), (x[16:], None)], progress=False)
     return measure_int8_layers_(model, cfg, (3, args.img_size, args.img_size))
 
@@ -40,18 +40,18 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--margin", type=float, default=0.05)
+    p.add_argument("--min-wins", type=float, default=0.8)
     p.add_argument("--json")
     args = p.parse_args()
     runs = [one_run(args) for _ in range(args.runs)]
-    print(f"{args.model}, batch {args.batch_size}, {args.rounds} rounds, margin {args.margin}, {cpu_name()}, "
+    print(f"{args.model}, batch {args.batch_size}, {args.rounds} rounds, min wins {args.min_wins}, {cpu_name()}, "
           f"{torch.get_num_threads()} threads")
     groups = list(runs[0]["groups"])
-    print("| block | " + " | ".join(f"run {i + 1}: INT8 speedup (quartiles) -> kept" for i in range(len(runs))) + " |")
+    print("| block | " + " | ".join(f"run {i + 1}: INT8 speedup (quartiles), wins -> kept" for i in range(len(runs))) + " |")
     print("|---|" + "---|" * len(runs))
     for g in groups:
         cells = [f"{r['groups'][g]['int8_speedup']:.2f} ({r['groups'][g]['int8_speedup_quartiles'][0]:.2f}-"
-                 f"{r['groups'][g]['int8_speedup_quartiles'][1]:.2f}) -> {'INT8' if r['groups'][g]['int8'] else 'float'}"
+                 f"{r['groups'][g]['int8_speedup_quartiles'][1]:.2f}), {r['groups'][g]['int8_wins']:.0%} -> {'INT8' if r['groups'][g]['int8'] else 'float'}"
                  for r in runs]
         print(f"| {g} | " + " | ".join(cells) + " |")
     for i, r in enumerate(runs):

@@ -26,7 +26,7 @@ class QuantConfig:
     int8_layers: Literal["all", "measured"] = "all"
     int8_groups: Literal["block", "layer"] = "block"  # what is judged together: a block's layers, or each layer
     int8_runtime: Literal["auto", "onnxruntime", "tensorrt"] = "auto"  # auto: TensorRT for target tensorrt where it runs
-    int8_margin: float = 0.05                        # INT8 must be at least 5% faster (a dead band against noise)
+    int8_min_wins: float = 0.8                       # INT8 kept where it was faster in >= this share of rounds
     int8_rounds: int = 15                            # round-robin timing rounds (medians of paired ratios)
     int8_batch_size: int = 8                         # images per timed call
 
@@ -39,9 +39,9 @@ class QuantConfig:
             raise ConfigError(f"{where}.percentile: in (50, 100] (got {self.percentile})")
         if self.accuracy_budget is not None and self.accuracy_budget < 0:
             raise ConfigError(f"{where}.accuracy_budget: non-negative points (got {self.accuracy_budget})")
-        if self.int8_rounds < 3 or self.int8_batch_size < 1 or not 0.0 <= self.int8_margin < 1.0:
-            raise ConfigError(f"{where}: int8_rounds >= 3, int8_batch_size >= 1, 0 <= int8_margin < 1 "
-                              f"(got {self.int8_rounds}, {self.int8_batch_size}, {self.int8_margin})")
+        if self.int8_rounds < 3 or self.int8_batch_size < 1 or not 0.5 < self.int8_min_wins <= 1.0:
+            raise ConfigError(f"{where}: int8_rounds >= 3, int8_batch_size >= 1, 0.5 < int8_min_wins <= 1 "
+                              f"(got {self.int8_rounds}, {self.int8_batch_size}, {self.int8_min_wins})")
         if self.int8_layers == "measured" and self.int8_runtime == "onnxruntime" and self.precision == "fp8":
             raise ConfigError(f"{where}.int8_runtime: fp8 is measured on TensorRT, not onnxruntime")
         if self.precision == "fp8" and self.target == "ort-cpu":
