@@ -220,21 +220,18 @@ def _bench_trt(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
                batch_size: int, warmup: int, iters: int) -> tuple[list[float], tuple[int, ...]]:
     """Engine for exactly ``batch_size`` from the target's ONNX (a quantized model: its QDQ
     deployable), built in a temporary folder; its parity against onnxruntime is checked first."""
-    from effvision.export.tensorrt_runtime import TrtEngine, engine_parity, serialize_engine
+    from effvision.export.tensorrt_runtime import TrtEngine, engine_parity, graph_precision, serialize_engine
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        precision = "fp32"
         if onnx_path is None and model_dir is not None:
             from .compress.quantize import read_quant_spec
 
-            quant = read_quant_spec(model_dir)
-            if quant is not None:
+            if read_quant_spec(model_dir) is not None:
                 from .compress.quantize.bench import quantized_onnx
 
                 onnx_path, tmp_int8 = quantized_onnx(target, model_dir)
                 stack.enter_context(tmp_int8)
-                precision = quant["precision"]
         if onnx_path is None:
             onnx_path = _export_fp32(target, kind, model_dir, img_size, tmp)
         import onnxruntime as ort
@@ -242,7 +239,7 @@ def _bench_trt(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
         inp = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs()[0]
         shape = tuple(inp.shape[1:])
         engine = TrtEngine(serialize_engine(onnx_path, inp.name, shape, (batch_size,) * 3))
-        engine_parity(engine, onnx_path, shape, [batch_size], precision)
+        engine_parity(engine, onnx_path, shape, [batch_size], graph_precision(onnx_path))
     x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
     return engine.time(x, warmup, iters), shape
 

@@ -82,14 +82,14 @@ def _build(onnx_path: Path, manifest: dict[str, Any], profile: tuple[int, int, i
     import torch
 
     from .manifest import sha256
-    from .tensorrt_runtime import TrtEngine, engine_parity, serialize_engine
+    from .tensorrt_runtime import TrtEngine, engine_parity, graph_precision, serialize_engine
 
     out_dir = onnx_path.parent
     input_name, shape = manifest["input"]["name"], tuple(manifest["input"]["shape"][1:])
     engine_bytes = serialize_engine(onnx_path, input_name, shape, profile, out_dir / CACHE_FILE)
     fixed = manifest["input"]["shape"][0]
     sizes = [fixed] if isinstance(fixed, int) else sorted({profile[0], profile[1]})  # smallest and optimal batch
-    parity = engine_parity(TrtEngine(engine_bytes), onnx_path, shape, sizes, manifest["precision"])
+    parity = engine_parity(TrtEngine(engine_bytes), onnx_path, shape, sizes, graph_precision(onnx_path))
     (out_dir / ENGINE_FILE).write_bytes(engine_bytes)  # only an engine that passed parity lands here
     gpu = torch.cuda.get_device_name()
     info = {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),

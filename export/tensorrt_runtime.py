@@ -17,7 +17,7 @@ from effvision.errors import EffVisionError
 from .onnx import ParityError
 from .tensorrt_parser import TensorRTMissing, network_flags, require_tensorrt
 
-__all__ = ["serialize_engine", "TrtEngine", "compare_logits", "engine_parity", "MIN_SQNR_DB", "require_trt_cuda"]
+__all__ = ["serialize_engine", "TrtEngine", "compare_logits", "graph_precision", "engine_parity", "MIN_SQNR_DB", "require_trt_cuda"]
 
 # logit SQNR floor (dB) vs onnxruntime: TF32 (10-bit mantissa) fp32 stays far above 40 dB; fp16
 # above 30; INT8/FP8 engines round at other points than onnxruntime's integer kernels (20 dB,
@@ -122,6 +122,21 @@ class TrtEngine:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         return times
+
+
+def graph_precision(onnx_path: Path) -> str:
+    """fp8 / int8 (a QDQ graph, by its zero points' type), fp16 (fp16 weights) or fp32: which
+    parity floor an engine built from this graph is held to."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {i.name: i.data_type for i in graph.initializer}
+    zero_points = {inits.get(n.input[2]) for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    if onnx.TensorProto.FLOAT8E4M3FN in zero_points:
+        return "fp8"
+    if any(n.op_type == "QuantizeLinear" for n in graph.node):
+        return "int8"
+    return "fp16" if onnx.TensorProto.FLOAT16 in inits.values() else "fp32"
 
 
 def compare_logits(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:

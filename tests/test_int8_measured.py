@@ -19,6 +19,7 @@ from effvision.compress.quantize.qdq_op import onnx_translations
 from effvision.errors import ConfigError, EffVisionError
 from effvision.export import OnnxExportConfig, export_onnx
 from effvision.export.tensorrt_engine import tensorrt_available
+from effvision.export.tensorrt_runtime import graph_precision
 from effvision.models.io import ModelSpec, create_model
 
 from conftest import cli, tiny_recipe
@@ -45,6 +46,7 @@ def test_drop_qdq_matches_the_model_with_that_group_in_float(tmp_path: Path) -> 
               [(x[:16], None), (x[16:], None)], progress=False)
     full = onnx.load(str(export_onnx(model, tmp_path / "q.onnx", (3, 32, 32), OnnxExportConfig(),
                                      translations=onnx_translations(18))))
+    assert graph_precision(tmp_path / "q.onnx") == "int8"  # the engine parity floor it would be held to
     group = [n for n in quant_modules(model) if n.startswith("blocks.0.")]
     variant = drop_qdq(full, set(group))
     count = lambda m: sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)  # noqa: E731

@@ -15,7 +15,7 @@ import torch
 import effvision.models  # noqa: F401
 from effvision.cli import main
 from effvision.export import DeployConfig, export_deployable
-from effvision.export.tensorrt_runtime import MIN_SQNR_DB, compare_logits
+from effvision.export.tensorrt_runtime import MIN_SQNR_DB, compare_logits, graph_precision
 from effvision.models import ModelSpec, save_model
 
 from conftest import cli
@@ -39,6 +39,7 @@ def model_dir(tmp_path_factory) -> Path:
 def test_manifest_records_which_check_ran(model_dir: Path, tmp_path: Path) -> None:
     export_deployable(model_dir, tmp_path / "out", DeployConfig(target="tensorrt", slim=False))
     check = json.loads((tmp_path / "out" / "manifest.json").read_text())["tensorrt_check"]
+    assert graph_precision(tmp_path / "out" / "model.onnx") == "fp32"
     if _trt_gpu():
         import tensorrt
 
