@@ -92,7 +92,8 @@ def _build(onnx_path: Path, manifest: dict[str, Any], profile: tuple[int, int, i
     parity = engine_parity(TrtEngine(engine_bytes), onnx_path, shape, sizes, graph_precision(onnx_path))
     (out_dir / ENGINE_FILE).write_bytes(engine_bytes)  # only an engine that passed parity lands here
     gpu = torch.cuda.get_device_name()
-    info = {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
+    cc = ".".join(map(str, torch.cuda.get_device_capability()))
+    info = {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc,
             "strongly_typed": True, "parity": parity,
             "profiles": [{"input": input_name, "min": [profile[0], *shape], "opt": [profile[1], *shape],
                           "max": [profile[2], *shape]}], "onnx": onnx_path.name}

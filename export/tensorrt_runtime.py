@@ -17,7 +17,8 @@ from effvision.errors import EffVisionError
 from .onnx import ParityError
 from .tensorrt_parser import TensorRTMissing, network_flags, require_tensorrt
 
-__all__ = ["serialize_engine", "TrtEngine", "compare_logits", "graph_precision", "engine_parity", "MIN_SQNR_DB", "require_trt_cuda"]
+__all__ = ["serialize_engine", "TrtEngine", "compare_logits", "graph_precision", "engine_parity", "MIN_SQNR_DB",
+           "require_trt_cuda"]
 
 # logit SQNR floor (dB) vs onnxruntime: TF32 (10-bit mantissa) fp32 stays far above 40 dB; fp16
 # above 30; INT8/FP8 engines round at other points than onnxruntime's integer kernels (20 dB,

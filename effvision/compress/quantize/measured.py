@@ -220,7 +220,8 @@ def measure_int8_layers_(model: nn.Module, cfg: QuantConfig, input_shape: tuple[
         "mode": "measured", "runtime": _runtime_name(runtime), "target": cfg.target,
         **({"note": "measured in onnxruntime on the CPU, not in TensorRT (not available here)"}
            if runtime == "onnxruntime" and cfg.target == "tensorrt" else {}),
-        "batch_size": cfg.int8_batch_size, "rounds": cfg.int8_rounds, "min_wins": cfg.int8_min_wins, "grouping": cfg.int8_groups,
+        "batch_size": cfg.int8_batch_size, "rounds": cfg.int8_rounds, "min_wins": cfg.int8_min_wins,
+        "grouping": cfg.int8_groups,
         "groups": {g: {"modules": groups[g], "int8_speedup": speedups[g][0], "int8_speedup_quartiles": speedups[g][1],
                        "int8_wins": speedups[g][2],
                        "int8": g not in float_groups} for g in groups},
