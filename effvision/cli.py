@@ -165,6 +165,7 @@ EXAMPLES = {
 examples:
   effvision export runs/quick                                # newest model -> ONNX, parity-checked
   effvision export runs/quick --format tensorrt --profile 1,8,32
+  effvision export runs/quick --target tensorrt --trt-check parser  # TensorRT's own parser (needs tensorrt)
   effvision export runs/quick/03-quantize/model --target ort-cpu
   effvision export runs/quick --format openvino              # + model.xml/.bin, parity vs onnxruntime""",
     "bench": """examples:
