@@ -2,10 +2,12 @@
 
 ``benchmark(target, backend)`` takes a timm model name, an effvision model dir, a run dir
 (its newest model or ONNX file) or an .onnx file, and a backend: ``torch`` (eager),
-``compile`` (torch.compile) or ``ort`` (onnxruntime, CPU). Results are plain dicts.
+``compile`` (torch.compile), ``ort`` (onnxruntime, CPU) or ``trt`` (a TensorRT engine built
+from the target's ONNX, or a ``.engine`` file, timed with CUDA events). Results are plain dicts.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import statistics
@@ -26,7 +28,8 @@ from .models.io import SPEC_FILE, load_model
 __all__ = ["benchmark", "BACKENDS", "resolve_target"]
 
 # ort-int8 / openvino-int8: a quantized model's QDQ ONNX; openvino: the ONNX converted to OpenVINO IR
-BACKENDS = ("torch", "compile", "ort", "ort-int8", "openvino", "openvino-int8")
+# trt: TensorRT engine (the quantized QDQ graph for a quantized model) on the GPU
+BACKENDS = ("torch", "compile", "ort", "ort-int8", "openvino", "openvino-int8", "trt")
 
 
 def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
@@ -96,11 +99,19 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
         raise EffVisionError(f"unknown backend '{backend}' (available: {', '.join(BACKENDS)})")
     if batch_size <= 0 or iters <= 0 or warmup < 0:
         raise EffVisionError("batch size and iters must be positive, warmup non-negative")
+    if backend == "trt":  # TensorRT and a GPU first: one line where either is missing
+        from effvision.export.tensorrt_runtime import require_trt_cuda
+
+        require_trt_cuda("backend trt")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EffVisionError("device 'cuda' requested but no CUDA GPU is available")
     if threads:
         torch.set_num_threads(threads)
+    if backend == "trt" and target.endswith(".engine"):
+        times, shape = _bench_trt_engine(Path(target), batch_size, warmup, iters)
+        return _summary({"target": target, "backend": backend, "device": "cuda", "batch_size": batch_size,
+                         "warmup": warmup, "iters": iters}, times, shape, batch_size)
     kind, model_dir, onnx_path = resolve_target(target)
     result: dict[str, Any] = {"target": target, "backend": backend, "device": str(dev), "batch_size": batch_size,
                               "warmup": warmup, "iters": iters, "threads": torch.get_num_threads()}
@@ -111,6 +122,9 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
         with tmp_int8:
             times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev,
                                       threads, backend.split("-")[0])
+    elif backend == "trt":
+        times, shape = _bench_trt(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters)
+        result["device"] = "cuda"
     elif backend in ("ort", "openvino"):
         times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev, threads,
                                   backend)
@@ -139,6 +153,10 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
         result["amp"] = "bf16" if (amp == "auto" and dev.type == "cuda") else amp
         if dev.type == "cuda":
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return _summary(result, times, shape, batch_size)
+
+
+def _summary(result: dict[str, Any], times: list[float], shape: tuple[int, ...], batch_size: int) -> dict[str, Any]:
     if "peak_memory_mb" not in result:
         # ru_maxrss is the process's lifetime peak: later backends in one process include earlier ones.
         result["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -147,6 +165,17 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
     result.update(input_shape=[batch_size, *shape], img_per_s=batch_size / med,
                   latency_ms_p50=float(qs[0]) * 1e3, latency_ms_p90=float(qs[1]) * 1e3)
     return result
+
+
+def _export_fp32(target: str, kind: str, model_dir: Path | None, img_size: int | None, folder: Path) -> Path:
+    from effvision.export import OnnxExportConfig, export_onnx
+
+    if kind == "timm":
+        model, shape = _torch_model(target, kind, None, img_size)
+    else:
+        model, spec = load_model(model_dir)  # type: ignore[arg-type]
+        shape = (spec.in_chans, spec.img_size, spec.img_size)
+    return export_onnx(model, folder / "model.onnx", shape, OnnxExportConfig())
 
 
 def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path | None, img_size: int | None,
@@ -159,15 +188,8 @@ def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
         raise EffVisionError(f"backend {runtime} runs on the CPU here")
     tmp = None
     if onnx_path is None:
-        from effvision.export import OnnxExportConfig, export_onnx
-
-        if kind == "timm":
-            model, shape = _torch_model(target, kind, None, img_size)
-        else:
-            model, spec = load_model(model_dir)  # type: ignore[arg-type]
-            shape = (spec.in_chans, spec.img_size, spec.img_size)
         tmp = tempfile.TemporaryDirectory()
-        onnx_path = export_onnx(model, Path(tmp.name) / "model.onnx", shape, OnnxExportConfig())
+        onnx_path = _export_fp32(target, kind, model_dir, img_size, Path(tmp.name))
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -192,6 +214,45 @@ def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
     if tmp is not None:
         tmp.cleanup()
     return times, shape
+
+
+def _bench_trt(target: str, kind: str, model_dir: Path | None, onnx_path: Path | None, img_size: int | None,
+               batch_size: int, warmup: int, iters: int) -> tuple[list[float], tuple[int, ...]]:
+    """Engine for exactly ``batch_size`` from the target's ONNX (a quantized model: its QDQ
+    deployable), built in a temporary folder; its parity against onnxruntime is checked first."""
+    from effvision.export.tensorrt_runtime import TrtEngine, engine_parity, graph_precision, serialize_engine
+
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if onnx_path is None and model_dir is not None:
+            from .compress.quantize import read_quant_spec
+
+            if read_quant_spec(model_dir) is not None:
+                from .compress.quantize.bench import quantized_onnx
+
+                onnx_path, tmp_int8 = quantized_onnx(target, model_dir)
+                stack.enter_context(tmp_int8)
+        if onnx_path is None:
+            onnx_path = _export_fp32(target, kind, model_dir, img_size, tmp)
+        import onnxruntime as ort
+
+        inp = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs()[0]
+        shape = tuple(inp.shape[1:])
+        engine = TrtEngine(serialize_engine(onnx_path, inp.name, shape, (batch_size,) * 3))
+        engine_parity(engine, onnx_path, shape, [batch_size], graph_precision(onnx_path))
+    x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
+    return engine.time(x, warmup, iters), shape
+
+
+def _bench_trt_engine(path: Path, batch_size: int, warmup: int, iters: int) -> tuple[list[float], tuple[int, ...]]:
+    from effvision.export.tensorrt_runtime import TrtEngine
+
+    if not path.is_file():
+        raise EffVisionError(f"engine file not found: {path}")
+    engine = TrtEngine(path)
+    shape = engine.input_shape()
+    x = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
+    return engine.time(x, warmup, iters), shape
 
 
 def cpu_name() -> str:

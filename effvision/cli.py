@@ -96,7 +96,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     src = Path(args.run_dir)
     model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
     out = Path(args.out) if args.out else src / f"export-{args.format}-opset{args.opset}"
-    if args.format == "tensorrt" or args.precision != "auto" or args.target is not None:
+    if args.format == "tensorrt" or args.precision != "auto" or args.target is not None or args.trt_check != "auto":
         from effvision.export.deploy_cli import export_for_target
 
         print(json.dumps(export_for_target(model_dir, out, args), indent=2))
@@ -120,11 +120,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for backend in args.backend:
         r = benchmark(args.target, backend, args.device, args.batch_size, args.img_size, args.warmup, args.iters,
                       args.amp, args.channels_last, args.threads)
-        print(f"{backend:8s} {args.device:5s} batch {args.batch_size:4d}: {r['img_per_s']:10.1f} img/s  "
+        print(f"{backend:8s} {r['device']:5s} batch {args.batch_size:4d}: {r['img_per_s']:10.1f} img/s  "
               f"p50 {r['latency_ms_p50']:.2f} ms  p90 {r['latency_ms_p90']:.2f} ms")
         results.append(r)
     if out is not None:
         out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .models.hub import push_to_hub, stage_for_hub
+
+    src = Path(args.model_dir)
+    model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
+    if args.stage_only:
+        print(f"staged {stage_for_hub(model_dir, args.stage_only, args.repo)} (nothing uploaded)")
+        return 0
+    print(json.dumps(push_to_hub(model_dir, args.repo, args.private), indent=2))
     return 0
 
 
@@ -194,12 +206,18 @@ EXAMPLES = {
 examples:
   effvision export runs/quick                                # newest model -> ONNX, parity-checked
   effvision export runs/quick --format tensorrt --profile 1,8,32
+  effvision export runs/quick --target tensorrt --trt-check parser  # TensorRT's own parser (needs tensorrt)
   effvision export runs/quick/03-quantize/model --target ort-cpu
   effvision export runs/quick --format openvino              # + model.xml/.bin, parity vs onnxruntime""",
     "bench": """examples:
   effvision bench deit_tiny_patch16_224 --backend torch ort --batch-size 32
   effvision bench runs/quick --backend ort ort-int8 --json bench.json
-  effvision bench model.onnx --backend ort --batch-size 1""",
+  effvision bench model.onnx --backend ort --batch-size 1
+  effvision bench runs/quick --backend ort trt --batch-size 32   # trt: needs tensorrt and a GPU""",
+    "push": """examples:
+  effvision push runs/quick --repo alice/vit-micro-digits             # needs HF_TOKEN or `hf auth login`
+  effvision push runs/quick/01-train/model --repo alice/vit-micro --private
+  effvision push runs/quick --repo alice/vit-micro --stage-only hub/   # write the folder, upload nothing""",
     "prune": """examples:
   effvision prune runs/quick/01-train/model --mlp 0.5 --heads 0.25 --out runs/pruned
   effvision prune runs/quick/01-train/model --ratio 0.3 --finetune-epochs 5 --out runs/pruned-ft
@@ -250,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--target", choices=["tensorrt", "jetpack5", "ort-cpu"],
                    help="runtime the graph is for (default: the quantized model's, else tensorrt)")
     x.add_argument("--profile", default="1,8,32", help="TensorRT batch profile MIN,OPT,MAX")
+    x.add_argument("--trt-check", default="auto", choices=["auto", "parser", "offline"],
+                   help="TensorRT check: its own ONNX parser (needs tensorrt and a GPU), the offline op list, "
+                        "or auto (the parser where it runs)")
     x.add_argument("--opset", type=int, default=18, help="ONNX opset")
     x.add_argument("--out", help="output folder (default: RUN_DIR/export-<format>-opset<N>)")
     x.add_argument("--static-batch", action="store_true", help="fix the batch axis to 1")
@@ -261,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = _sub(sub, "bench", "inference throughput and latency")
     b.add_argument("target", help="timm model name, model dir, run dir or .onnx file")
     b.add_argument("--backend", nargs="+", default=["torch"],
-                   choices=["torch", "compile", "ort", "ort-int8", "openvino", "openvino-int8"],
-                   help="one or more; *-int8 need a quantized model; openvino needs the openvino package")
+                   choices=["torch", "compile", "ort", "ort-int8", "openvino", "openvino-int8", "trt"],
+                   help="one or more; *-int8 need a quantized model; openvino needs the openvino package; "
+                        "trt: a TensorRT engine on the GPU (needs tensorrt; TARGET may be a .engine file)")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ort runs on the cpu")
     b.add_argument("--batch-size", type=int, default=32, help="images per call")
     b.add_argument("--img-size", type=int, help="input size (default: the model's own)")
@@ -302,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="runtime the QDQ graph is laid out for")
             c.add_argument("--calib-batches", type=int, default=8, help="training batches to calibrate on")
         c.set_defaults(fn=fn)
+
+    h = _sub(sub, "push", "upload a model to the Hugging Face Hub (timm's hub layout + model card)")
+    h.add_argument("model_dir", help="a model directory, or a run directory (its newest model)")
+    h.add_argument("--repo", required=True, help="Hub repository USER/NAME (created if new)")
+    h.add_argument("--private", action="store_true", help="create the repository as private")
+    h.add_argument("--stage-only", metavar="DIR", help="write the folder that would be uploaded to DIR; no upload")
+    h.set_defaults(fn=_cmd_push)
 
     m = _sub(sub, "models", "list efficient backbones with params and GMACs (and measured latency)")
     m.add_argument("--filter", help="name pattern (fnmatch, or a substring)")

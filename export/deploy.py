@@ -22,7 +22,8 @@ from effvision.models.io import load_model
 
 from .manifest import classifier_io, write_manifest
 from .onnx import OnnxExportConfig, ParityError, export_onnx
-from .tensorrt_check import check_tensorrt, op_list_used, raise_if_incompatible
+from .tensorrt_check import raise_if_incompatible
+from .tensorrt_parser import CHECK_METHODS, require_tensorrt, run_tensorrt_check
 
 __all__ = ["DeployConfig", "export_deployable", "PRECISIONS", "TARGET_PLATFORMS"]
 
@@ -45,6 +46,7 @@ class DeployConfig:
     # float differently in the last bit now and then, and a value on a rounding edge moves one
     # int8 step that later layers carry; ~2% measured on random-init ViTs (tiny logits).
     rel_tol: dict[str, float] = field(default_factory=lambda: {"fp16": 0.01, "int8": 0.05, "fp8": 0.05})
+    tensorrt_check: str = "auto"           # auto: TensorRT's parser where it runs, else the offline list | parser | offline
 
 
 def _precision(model_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
@@ -55,8 +57,8 @@ def _precision(model_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
         raise EffVisionError(f"unknown precision '{cfg.precision}' (available: {', '.join(PRECISIONS)})")
     if cfg.target not in TARGET_PLATFORMS:
         raise EffVisionError(f"unknown target '{cfg.target}' (available: {', '.join(TARGET_PLATFORMS)})")
-    if quant is None:
-        return ("fp32" if cfg.precision == "auto" else cfg.precision), None
+    if quant is None or not quant["modules"]:  # int8_layers: measured may return every layer to float
+        return ("fp32" if cfg.precision == "auto" else cfg.precision), quant
     if cfg.precision != "auto":
         raise EffVisionError(f"{model_dir} is quantized ({quant['precision']}); export it with precision auto, "
                              f"or export the float model before the quantize stage for {cfg.precision}")
@@ -73,6 +75,12 @@ def preflight(model_dir: Path, out_dir: Path, cfg: DeployConfig) -> tuple[str, d
                              f"{FP8_MIN_OPSET}; TensorRT 10 reads up to 20)")
     if precision == "fp8" and cfg.target != "tensorrt":
         raise EffVisionError(f"FP8 runs on TensorRT (Hopper-class GPUs), not target '{cfg.target}'")
+    if cfg.tensorrt_check not in CHECK_METHODS:
+        raise EffVisionError(f"unknown TensorRT check '{cfg.tensorrt_check}' (available: {', '.join(CHECK_METHODS)})")
+    if cfg.tensorrt_check == "parser":
+        if TARGET_PLATFORMS[cfg.target] is None:
+            raise EffVisionError(f"--trt-check parser: target '{cfg.target}' is not a TensorRT target")
+        require_tensorrt("--trt-check parser")
     if cfg.target == "jetpack5" and cfg.opset > 17:
         raise EffVisionError(f"target jetpack5 (TensorRT 8.5) reads opset <= 17, not {cfg.opset}")
     if quant is not None and (quant["target"] == "ort-cpu") != (cfg.target == "ort-cpu"):
@@ -167,8 +175,10 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
             _to_fp16(raw, tmp / "fp16.onnx")
             raw = tmp / "fp16.onnx"
         platform = TARGET_PLATFORMS[cfg.target]
+        trt_check = None
         if platform is not None:
-            raise_if_incompatible(check_tensorrt(raw, platform), f"{model_dir} ({precision}, opset {cfg.opset})")
+            found, trt_check = run_tensorrt_check(raw, platform, cfg.tensorrt_check)
+            raise_if_incompatible(found, f"{model_dir} ({precision}, opset {cfg.opset})")
         checks = {"export": parity(model, raw, shape, cfg, precision)}
         final = raw
         if cfg.slim:
@@ -176,7 +186,8 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
             try:
                 checks["onnxslim"] = parity(model, tmp / "slim.onnx", shape, cfg, precision)
                 if platform is not None:
-                    raise_if_incompatible(check_tensorrt(tmp / "slim.onnx", platform), "after onnxslim")
+                    raise_if_incompatible(run_tensorrt_check(tmp / "slim.onnx", platform, cfg.tensorrt_check)[0],
+                                          "after onnxslim")
                 final = tmp / "slim.onnx"
             except EffVisionError as e:  # keep the unslimmed graph, say why
                 checks["onnxslim"] = {"kept": False, "reason": str(e)}
@@ -187,8 +198,8 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
         "source": str(model_dir), "quantization": quant,
         **classifier_io(spec, tuple(shape), cfg.dynamic_batch), "parity": checks,
     }
-    if platform is not None:
-        info["tensorrt_check"] = op_list_used(platform)
+    if trt_check is not None:
+        info["tensorrt_check"] = trt_check
     write_manifest(out_dir, ["model.onnx"], info)
     kept = checks.get("onnxslim", {}).get("kept", True) and "onnxslim" in checks
     return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,

@@ -24,7 +24,8 @@ def export_for_target(model_dir: Path, out: Path, args: argparse.Namespace) -> d
 
         raise EffVisionError("--format tensorrt needs --target tensorrt or jetpack5, not ort-cpu")
     cfg = DeployConfig(opset=args.opset, target=target, precision=args.precision,
-                       dynamic_batch=not args.static_batch, atol=args.atol)
+                       dynamic_batch=not args.static_batch, atol=args.atol,
+                       tensorrt_check=getattr(args, "trt_check", "auto"))
     result = export_deployable(model_dir, out, cfg)
     if profile is not None:
         engine = build_engine(out / "model.onnx", manifest_of(out), profile)

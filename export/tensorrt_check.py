@@ -16,7 +16,8 @@ from onnx import numpy_helper
 
 from effvision.errors import EffVisionError
 
-__all__ = ["Violation", "check_tensorrt", "TensorRTCompatError", "supported_ops", "op_list_used", "TRT_OPSETS"]
+__all__ = ["Violation", "check_tensorrt", "TensorRTCompatError", "supported_ops", "op_list_used", "TRT_OPSETS",
+           "check_qdq_rules", "raise_if_incompatible"]
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 _OK_QTYPES = {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT8E4M3FN}
 
@@ -49,7 +50,7 @@ TRT_OPSETS = {"jetpack5": (9, 17), "tensorrt10": (supported_ops()["opset_min"], 
 def op_list_used(platform: str = "tensorrt10") -> dict[str, Any]:
     """Which list a check used, for manifests: TensorRT version, opset range, source."""
     data = supported_ops()
-    return {"platform": platform, "op_list_tensorrt": data["tensorrt"], "opsets": list(TRT_OPSETS[platform]),
+    return {"method": f"offline list {data['tensorrt']}", "platform": platform, "op_list_tensorrt": data["tensorrt"], "opsets": list(TRT_OPSETS[platform]),
             "op_list_source": data["source"]}
 
 
@@ -63,13 +64,6 @@ def check_tensorrt(model: onnx.ModelProto | str | Path, platform: str = "tensorr
     out: list[Violation] = []
     if opset is not None and not lo <= opset <= hi:
         out.append(Violation("<graph>", "opset", f"opset {opset} is outside {lo}..{hi} for {platform}"))
-    inits = {i.name: i for i in model.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    # weights: initializers, and Q(initializer) outputs (the exporter's Q->DQ on constant weights)
-    weights = set(inits) | {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits}
     for n in model.graph.node:
         name = n.name or f"<unnamed {n.op_type}>"
         if n.domain not in ("", "ai.onnx"):
@@ -78,9 +72,23 @@ def check_tensorrt(model: onnx.ModelProto | str | Path, platform: str = "tensorr
         entry = ops.get(n.op_type)
         if entry is None or not entry["supported"]:
             out.append(Violation(name, n.op_type, "not on TensorRT's supported-op list"))
-            continue
-        if n.op_type in _QDQ:
-            out.extend(_check_qdq(n, name, inits, weights, consumers))
+    return out + check_qdq_rules(model)
+
+
+def check_qdq_rules(model: onnx.ModelProto) -> list[Violation]:
+    """TensorRT's QDQ rules alone (also run beside TensorRT's own parser, which accepts some
+    Q/DQ forms that TensorRT then cannot fuse into INT8 kernels)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    # weights: initializers, and Q(initializer) outputs (the exporter's Q->DQ on constant weights)
+    weights = set(inits) | {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits}
+    out: list[Violation] = []
+    for n in model.graph.node:
+        if n.op_type in _QDQ and n.domain in ("", "ai.onnx"):
+            out.extend(_check_qdq(n, n.name or f"<unnamed {n.op_type}>", inits, weights, consumers))
     return out
 
 

@@ -37,6 +37,12 @@ def tensorrt_available() -> bool:
     return True
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def trtexec_command(onnx_name: str, input_name: str, shape: tuple[int, ...], profile: tuple[int, int, int],
                     target: str, precision: str) -> list[str]:
     dims = "x".join(map(str, shape))
@@ -55,7 +61,7 @@ def build_engine(onnx_path: Path, manifest: dict[str, Any], profile: tuple[int, 
     out_dir = onnx_path.parent
     shape = tuple(manifest["input"]["shape"][1:])
     name = manifest["input"]["name"]
-    if not tensorrt_available():
+    if not tensorrt_available() or not _cuda():
         cmd = trtexec_command(onnx_path.name, name, shape, profile, manifest["target"], manifest["precision"])
         script = out_dir / SCRIPT_FILE
         atomic_write_text(script, "#!/usr/bin/env bash\n"
@@ -64,42 +70,40 @@ def build_engine(onnx_path: Path, manifest: dict[str, Any], profile: tuple[int, 
                           "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + shlex.join(cmd) + "\n")
         script.chmod(0o755)
         return {"engine": None, "script": str(script), "command": shlex.join(cmd),
-                "message": "the tensorrt Python package is not importable here; run build_engine.sh on the "
+                "message": "TensorRT (the tensorrt Python package and a CUDA GPU) is not available here; run "
+                           "build_engine.sh on the "
                            "target machine (TensorRT engines are specific to a GPU and a TensorRT version)"}
-    return _build(onnx_path, name, shape, profile)
+    return _build(onnx_path, manifest, profile)
 
 
-def _build(onnx_path: Path, input_name: str, shape: tuple[int, ...], profile: tuple[int, int, int]) -> dict[str, Any]:
+def _build(onnx_path: Path, manifest: dict[str, Any], profile: tuple[int, int, int]) -> dict[str, Any]:
+    """Build, then check the engine against onnxruntime on the same inputs before keeping it."""
     import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EffVisionError(f"TensorRT could not parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    opt = builder.create_optimization_profile()
-    opt.set_shape(input_name, *[(b, *shape) for b in profile])
-    config.add_optimization_profile(opt)
-    cache_path = onnx_path.parent / CACHE_FILE
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise EffVisionError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
-    (onnx_path.parent / ENGINE_FILE).write_bytes(bytes(engine))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     import torch
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    cc = ".".join(map(str, torch.cuda.get_device_capability())) if gpu else None
-    info = {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc, "strongly_typed": True,
+    from .manifest import sha256
+    from .tensorrt_runtime import TrtEngine, engine_parity, graph_precision, serialize_engine
+
+    out_dir = onnx_path.parent
+    input_name, shape = manifest["input"]["name"], tuple(manifest["input"]["shape"][1:])
+    engine_bytes = serialize_engine(onnx_path, input_name, shape, profile, out_dir / CACHE_FILE)
+    fixed = manifest["input"]["shape"][0]
+    sizes = [fixed] if isinstance(fixed, int) else sorted({profile[0], profile[1]})  # smallest and optimal batch
+    parity = engine_parity(TrtEngine(engine_bytes), onnx_path, shape, sizes, graph_precision(onnx_path))
+    (out_dir / ENGINE_FILE).write_bytes(engine_bytes)  # only an engine that passed parity lands here
+    gpu = torch.cuda.get_device_name()
+    cc = ".".join(map(str, torch.cuda.get_device_capability()))
+    info = {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc,
+            "strongly_typed": True, "parity": parity,
             "profiles": [{"input": input_name, "min": [profile[0], *shape], "opt": [profile[1], *shape],
                           "max": [profile[2], *shape]}], "onnx": onnx_path.name}
-    atomic_write_json(onnx_path.parent / "engine.json", info)
-    return {"engine": str(onnx_path.parent / ENGINE_FILE), **info}
+    atomic_write_json(out_dir / "engine.json", info)
+    full = json.loads((out_dir / "manifest.json").read_text())
+    full.setdefault("files", {})[ENGINE_FILE] = {"sha256": sha256(out_dir / ENGINE_FILE),
+                                                 "bytes": (out_dir / ENGINE_FILE).stat().st_size}
+    full["tensorrt_engine"] = {k: info[k] for k in ("tensorrt", "gpu", "compute_capability", "parity")}
+    atomic_write_json(out_dir / "manifest.json", full)
+    return {"engine": str(out_dir / ENGINE_FILE), **info}
 
 
 def manifest_of(out_dir: Path) -> dict[str, Any]:

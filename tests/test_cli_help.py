@@ -20,7 +20,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"effvision {__version__}"
 
 
-@pytest.mark.parametrize("command", ["run", "eval", "export", "bench", "models"])
+@pytest.mark.parametrize("command", ["run", "eval", "export", "bench", "models", "push", "prune", "quantize"])
 def test_every_command_has_examples_and_every_argument_a_help(command: str) -> None:
     sub = _subparsers(build_parser())[command]
     text = sub.format_help()

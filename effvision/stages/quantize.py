@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..compress.quantize import QuantConfig, quant_spec, quantize_, write_quant_spec
+from ..compress.quantize import QuantConfig, quant_modules, quant_spec, quantize_, write_quant_spec
 from ..compress.quantize.api import check_calibration_set
+from ..compress.quantize.measured import measure_int8_layers_, resolve_runtime
 from ..engine.evaluate import evaluate
 from ..errors import ConfigError
 from ..models.io import load_model, save_model
@@ -45,6 +46,7 @@ class QuantizeStage(Stage):
         batches = list(itertools.islice(loaders.train.epoch(0), cfg.calib_batches + cfg.val_batches))
         calib, val = batches[: cfg.calib_batches], batches[cfg.calib_batches:] or batches
         check_calibration_set(calib, cfg)  # before any work
+        runtime = resolve_runtime(cfg) if cfg.int8_layers == "measured" else None
         model, spec = load_model(model_dir, map_location=ctx.device)
         model.to(ctx.device).eval()
         float_eval = evaluate(model, loaders.eval, ctx.device, "off")
@@ -54,17 +56,22 @@ class QuantizeStage(Stage):
         if cfg.qat_epochs:
             model = self._qat(model, spec, loaders)
             summary["qat"] = evaluate(model, loaders.eval, ctx.device, "off")
-        final = summary.get("qat", ptq_eval)
+        measured = None
+        if runtime is not None:  # groups INT8 does not speed up in the runtime go back to float
+            measured = measure_int8_layers_(model.cpu(), cfg, (spec.in_chans, spec.img_size, spec.img_size), runtime)
+            summary["measured"] = evaluate(model.to(ctx.device), loaders.eval, ctx.device, "off")
+        final = summary.get("measured", summary.get("qat", ptq_eval))
         out = ctx.stage_dir / MODEL_DIR
         # quant.json first: a reader that sees model.json always finds the quantization it needs
         write_quant_spec(out, quant_spec(model, cfg.precision, cfg.target, cfg.learnable_scales,
                                          calibration={"method": cfg.calib_method, "batches": cfg.calib_batches,
                                                       "samples": report.calib_samples},
-                                         fallback=report.fallback))
+                                         fallback=report.fallback, int8_layers=measured or {"mode": "all"}))
         save_model(model, spec, out)
         return {**summary, "top1": final["top1"], "top1_drop": float_eval["top1"] - final["top1"],
-                "precision": cfg.precision, "target": cfg.target, "quantized_layers": len(report.quantized),
-                "fallback_layers": report.fallback, "model": spec.name, "wall_time_s": time.perf_counter() - t0}
+                "precision": cfg.precision, "target": cfg.target, "quantized_layers": len(quant_modules(model)),
+                "fallback_layers": report.fallback, "model": spec.name,
+                **({"int8_layers": measured} if measured else {}), "wall_time_s": time.perf_counter() - t0}
 
     def _qat(self, model, spec, loaders):
         from ..engine import TrainConfig, Trainer

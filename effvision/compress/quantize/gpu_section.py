@@ -1,6 +1,7 @@
 """gpu_bench.sh section ``quantize``: deit_tiny on the GPU in fp32/fp16/bf16 (torch), the
 int8 and fp8 fake-quant models' output agreement with fp32, and, where the tensorrt package
-imports, strongly typed TensorRT engines from the fp16 / int8 / fp8 ONNX."""
+imports, strongly typed TensorRT engines from the int8 / fp8 ONNX (parity vs onnxruntime, img/s
+through the trt backend) and int8_layers: measured judged in TensorRT."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import QuantConfig
 
 __all__ = ["quantize_section", "quantize_markdown"]
 
@@ -19,7 +22,7 @@ def quantize_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     from effvision.bench import benchmark
     from effvision.gpu_sections import seconds_left
 
-    from . import QuantConfig, quant_spec, quantize_, write_quant_spec
+    from . import quant_spec, quantize_, write_quant_spec
 
     toy = getattr(args, "toy", False)
     model_name, size, batch = ("vit_micro_patch4_32", 32, 2) if toy else (MODEL, 224, 256)
@@ -61,6 +64,9 @@ def quantize_section(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row["tensorrt"] = "export skipped (budget)"
             rows.append(row)
             print(f"  quantize: {row}", flush=True)
+            if precision == "int8" and not toy and row.get("engine_built") and seconds_left(args) > 120:
+                rows.append(_measured(model.cpu(), size))
+                print(f"  quantize: {rows[-1]}", flush=True)
     return rows
 
 
@@ -75,7 +81,23 @@ def _engine(model_dir: Path, precision: str) -> dict[str, Any]:
                 **{k: v for k, v in build_engine(out / "model.onnx", manifest_of(out), (1, 64, 256)).items()
                    if k == "command"}}
     info = build_engine(out / "model.onnx", manifest_of(out), (1, 64, 256))
-    return {"tensorrt": info.get("tensorrt"), "engine_built": True}
+    from effvision.bench import benchmark
+
+    r = benchmark(str(out / "model.engine"), "trt", batch_size=256, warmup=10, iters=50)  # CUDA-event timing
+    return {"tensorrt": info.get("tensorrt"), "engine_built": True, "engine_sqnr_db_vs_ort": info["parity"]["sqnr_db"],
+            "trt_img_per_s": r["img_per_s"]}
+
+
+def _measured(model: torch.nn.Module, size: int) -> dict[str, Any]:
+    """int8_layers: measured in TensorRT: which deit_tiny blocks TensorRT runs faster in INT8."""
+    from .measured import measure_int8_layers_
+
+    record = measure_int8_layers_(model, QuantConfig(int8_layers="measured", int8_runtime="tensorrt",
+                                                     int8_batch_size=64, int8_rounds=9), (3, size, size),
+                                  progress=False)
+    kept = [g for g, r in record["groups"].items() if r["int8"]]
+    return {"what": "int8_layers measured (tensorrt)", "int8_groups": f"{len(kept)}/{len(record['groups'])}",
+            **{k: v for k, v in record["final"].items()}}
 
 
 def quantize_markdown(rows: list[dict[str, Any]]) -> list[str]:
