@@ -21,24 +21,24 @@ MODEL = {"kwargs": {"drop_path_rate": 0.1}}
 DATA = {"augment": {"crop_padding": 2, "hflip": False, "mixup": 0.2, "mix_prob": 0.5}}
 
 
-def _latest_step(run: Path) -> int:
-    latest = run / "01-train" / "checkpoints" / "latest"
+def _latest_step(run: Path, stage: str = "01-train") -> int:
+    latest = run / stage / "checkpoints" / "latest"
     try:
         return int(latest.read_text().strip().split("-")[1])
     except (OSError, IndexError, ValueError):
         return -1
 
 
-def _start_and_kill(recipe: Path, run: Path, after_step: int, resume: bool) -> None:
-    """Start a run and SIGKILL it as soon as a checkpoint past ``after_step`` exists."""
+def _start_and_kill(recipe: Path, run: Path, after_step: int, resume: bool, stage: str = "01-train") -> None:
+    """Start a run and SIGKILL it as soon as ``stage`` has a checkpoint past ``after_step``."""
     cmd = [sys.executable, "-m", "effvision", "run", str(recipe), "--out", str(run)] + (["--resume"] if resume else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     deadline = time.time() + 300
-    while _latest_step(run) <= after_step and proc.poll() is None and time.time() < deadline:
+    while _latest_step(run, stage) <= after_step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "01-train" / "summary.json").exists(), "the run finished before it could be killed"
+    assert not (run / stage / "summary.json").exists(), "the run finished before it could be killed"
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
