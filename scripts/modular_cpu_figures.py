@@ -1,5 +1,5 @@
 """Modular training on the quickstart data, side by side in one invocation: Deep Model Assembling
-(K = 2 and 4) vs the same target end to end, and growth (depth 2 -> 4 blocks, width 96 -> 192)
+(K = 2 and 4) vs the same target end to end, and growth (depth 2 -> 4 blocks, width 48 -> 96)
 vs the grown model from scratch, each pair at equal training compute. Test top-1, training time
 per stage (evaluation excluded) and, for assembling, the wall-clock if the K incubation jobs ran
 on K machines (meta + slowest incubation + finetune). Writes modular_cpu.json, modular_cpu.md and
@@ -51,10 +51,10 @@ FIGURES: dict[str, list[tuple[str, dict[str, Any], float]]] = {
         ("4 blocks from scratch, 20 epochs", _quickstart(20), 1.0),
         ("grown 2 -> 4 blocks", _recipe("recipes/quickstart_grow.yaml"), 1.0),
         ("grown 2 -> 4 blocks, optimizer state carried", _recipe("recipes/quickstart_grow.yaml", optimizer_state="carry"), 1.0),
-        ("width 192 from scratch, 20 epochs", _quickstart(20, embed_dim=192, num_heads=6), 1.0),
-        ("grown width 96 -> 192", _recipe("recipes/quickstart_grow_width.yaml"), (22 * 0.02271 + 14 * 0.08376) / (20 * 0.08376)),
-        ("grown width 96 -> 192, optimizer state carried",
-         _recipe("recipes/quickstart_grow_width.yaml", optimizer_state="carry"), (22 * 0.02271 + 14 * 0.08376) / (20 * 0.08376)),
+        ("width 96, 6 heads from scratch, 20 epochs", _quickstart(20, num_heads=6), 1.0),
+        ("grown width 48 -> 96", _recipe("recipes/quickstart_grow_width.yaml"), (21 * 0.006563 + 14 * 0.02271) / (20 * 0.02271)),
+        ("grown width 48 -> 96, optimizer state carried",
+         _recipe("recipes/quickstart_grow_width.yaml", optimizer_state="carry"), (21 * 0.006563 + 14 * 0.02271) / (20 * 0.02271)),
     ],
 }
 

@@ -157,3 +157,36 @@ def test_incubate_killed_and_resumed_is_bit_exact(tmp_path: Path) -> None:
     meta, _ = load_model(clean / "01-meta" / "model")
     init, _ = incubation_model(meta, TARGET, 2, 1, seed=0)
     assert not torch.equal(a["blocks.2.mlp.fc1.weight"], init.state_dict()["blocks.1.mlp.fc1.weight"])
+
+
+def test_bad_assembling_input_fails_before_work(tmp_path: Path) -> None:
+    """Each mistake is one line naming what differs, raised by the preflight (before any stage
+    runs, nothing on disk touched); two of them through the CLI (exit code 2)."""
+    from effvision.recipe import load_recipe
+    from effvision.stages.common import preflight
+
+    dirs, _ = _modules(tmp_path, meta_seed=0)
+    other, _ = _modules(tmp_path, meta_seed=1)
+    other_meta = save_model(create_model(meta_spec(TARGET, 4)), meta_spec(TARGET, 4), tmp_path / "meta-k4")
+    meta = {"type": "meta", "modules": 2, "epochs": 1}
+    inc = {"type": "incubate", "modules": 2, "module": 0, "epochs": 1}
+    cases = [
+        ([{**meta, "modules": 3}], "modules: 3 does not divide the target's 4 blocks"),
+        ([meta, {**inc, "module": 2}], "module: 2 is out of range for 2 modules (0..1)"),
+        ([meta, {**inc, "modules": 4}], "modules: 4, but the meta stage before it has modules: 2"),
+        ([{**inc, "meta": str(other_meta)}], "holds vit_micro_patch4_32 {'depth': 4}, not the meta model of this recipe's target for modules: 2"),
+        ([{"type": "assemble", "modules": [str(dirs[0]), str(other[1])]}], "modules differ in meta_hash"),
+        ([{"type": "assemble", "modules": [str(d) for d in dirs + dirs]}], r"once each: duplicated [0, 1]"),
+        ([{"type": "assemble", "modules": [str(tmp_path / "nowhere")]}], "modules: no incubated module in"),
+        ([meta, inc, {"type": "assemble"}], "assemble needs modules 0..1 once each: missing [1]"),
+        ([{"type": "train", "epochs": 1}, {"type": "grow", "depth": 3}], "stages[1].depth: 3 would shrink the model"),
+    ]
+    for i, (stages, message) in enumerate(cases):
+        recipe = load_recipe(tiny_recipe(tmp_path / f"bad{i}.yaml", stages=stages))
+        with pytest.raises(EffVisionError) as e:
+            preflight(recipe)
+        assert message in str(e.value) and "\n" not in str(e.value), (message, str(e.value))
+    for i in (4, 7):
+        r = cli("run", str(tmp_path / f"bad{i}.yaml"), "--out", str(tmp_path / "run"))
+        assert r.returncode == 2 and cases[i][1] in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "run").exists()
