@@ -122,3 +122,71 @@ def test_gpu_section_runs_at_toy_size(tmp_path: Path) -> None:
     assert all(r["exit_code"] == 0 and r["top1"] is not None for r in rows), rows
     assert 0.7 < rows[1]["compute"] < 1.3 and rows[1]["wall_k_machines_s"] <= rows[1]["train_s"]
     assert "assembled K=2" in "\n".join(assemble_markdown(rows))
+
+
+@pytest.mark.slow
+def test_incubate_killed_and_resumed_is_bit_exact(tmp_path: Path) -> None:
+    """An incubation job SIGKILLed mid-stage (a real `effvision run` subprocess) and resumed with
+    --resume leaves the same module weights, bit for bit, as an uninterrupted job."""
+    from safetensors.torch import load_file
+
+    from effvision.models.io import WEIGHTS_FILE, load_model
+    from test_resume import _latest_step, _start_and_kill
+
+    train = {"checkpoint_every": 2, "log_every": 2, "eval_every": 0, "optimizer": {"name": "adamw", "lr": 2.0e-3}}
+    stages = [{"type": "meta", "modules": 2, "epochs": 1, **train},
+              {"type": "incubate", "modules": 2, "module": 1, "epochs": 3, **train}]  # 3 x 4 steps
+    recipe = tiny_recipe(tmp_path / "r.yaml", stages=stages, model={"kwargs": {"drop_path_rate": 0.1}},
+                         data={"limit_train": 256, "limit_eval": 64,  # drop_path, mixup: the RNG must come back
+                               "augment": {"crop_padding": 2, "hflip": False, "mixup": 0.2, "mix_prob": 0.5}})
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    r = cli("run", str(recipe), "--out", str(clean))
+    assert r.returncode == 0, r.stderr[-2000:]
+    _start_and_kill(recipe, killed, after_step=0, resume=False, stage="02-incubate")
+    assert 0 < _latest_step(killed, "02-incubate") < 12
+    r = cli("run", str(recipe), "--out", str(killed), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming at epoch" in r.stdout
+
+    a = load_file(str(clean / "02-incubate" / "module" / WEIGHTS_FILE))
+    b = load_file(str(killed / "02-incubate" / "module" / WEIGHTS_FILE))
+    assert a.keys() == b.keys() and "head.weight" in a  # module 1 of 2: blocks 2, 3 and the head
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after kill+resume"
+    # and incubation moved the module's weights away from their initialisation
+    meta, _ = load_model(clean / "01-meta" / "model")
+    init, _ = incubation_model(meta, TARGET, 2, 1, seed=0)
+    assert not torch.equal(a["blocks.2.mlp.fc1.weight"], init.state_dict()["blocks.1.mlp.fc1.weight"])
+
+
+def test_bad_assembling_input_fails_before_work(tmp_path: Path) -> None:
+    """Each mistake is one line naming what differs, raised by the preflight (before any stage
+    runs, nothing on disk touched); two of them through the CLI (exit code 2)."""
+    from effvision.recipe import load_recipe
+    from effvision.stages.common import preflight
+
+    dirs, _ = _modules(tmp_path, meta_seed=0)
+    other, _ = _modules(tmp_path, meta_seed=1)
+    other_meta = save_model(create_model(meta_spec(TARGET, 4)), meta_spec(TARGET, 4), tmp_path / "meta-k4")
+    meta = {"type": "meta", "modules": 2, "epochs": 1}
+    inc = {"type": "incubate", "modules": 2, "module": 0, "epochs": 1}
+    cases = [
+        ([{**meta, "modules": 3}], "modules: 3 does not divide the target's 4 blocks"),
+        ([meta, {**inc, "module": 2}], "module: 2 is out of range for 2 modules (0..1)"),
+        ([meta, {**inc, "modules": 4}], "modules: 4, but the meta stage before it has modules: 2"),
+        ([{**inc, "meta": str(other_meta)}], "holds vit_micro_patch4_32 {'depth': 4}, not the meta model of this recipe's target for modules: 2"),
+        ([{"type": "assemble", "modules": [str(dirs[0]), str(other[1])]}], "modules differ in meta_hash"),
+        ([{"type": "assemble", "modules": [str(d) for d in dirs + dirs]}], r"once each: duplicated [0, 1]"),
+        ([{"type": "assemble", "modules": [str(tmp_path / "nowhere")]}], "modules: no incubated module in"),
+        ([meta, inc, {"type": "assemble"}], "assemble needs modules 0..1 once each: missing [1]"),
+        ([{"type": "train", "epochs": 1}, {"type": "grow", "depth": 3}], "stages[1].depth: 3 would shrink the model"),
+    ]
+    for i, (stages, message) in enumerate(cases):
+        recipe = load_recipe(tiny_recipe(tmp_path / f"bad{i}.yaml", stages=stages))
+        with pytest.raises(EffVisionError) as e:
+            preflight(recipe)
+        assert message in str(e.value) and "\n" not in str(e.value), (message, str(e.value))
+    for i in (4, 7):
+        r = cli("run", str(tmp_path / f"bad{i}.yaml"), "--out", str(tmp_path / "run"))
+        assert r.returncode == 2 and cases[i][1] in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "run").exists()

@@ -10,6 +10,8 @@
   column-wise with random factors r and 1-r (sums are unchanged; the random split breaks the
   symmetry between copies: their gradients differ). Other ratios would need masked LayerNorm,
   which is not a timm module, so they are refused.
+- Optimizer state (``grow_optimizer_state``): the same maps applied to the per-parameter state,
+  for a next train stage that continues with it (``optimizer_state: carry``).
 
 The grown model is rebuilt with ``timm.create_model`` from the spec with new kwargs (depth,
 embed_dim, num_heads), so it stays a plain timm model saved as spec + safetensors, with the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,9 +31,10 @@ import torch.nn as nn
 from ..errors import ConfigError, EffVisionError
 from ..models.io import ModelSpec, create_model
 
-__all__ = ["GrowConfig", "grow_model", "model_shape"]
+__all__ = ["GrowConfig", "grow_model", "grow_optimizer_state", "model_shape"]
 
 Tensor = torch.Tensor
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 
 
 @dataclass
@@ -76,7 +80,7 @@ def grow_model(model: nn.Module, spec: ModelSpec, cfg: GrowConfig) -> tuple[nn.M
     if target > depth:
         state = _grow_depth(state, depth, target, cfg.position, layer_scale=_has_layer_scale(model))
     if cfg.width == 2:
-        state = {k: _widen(k, v, dim, heads, gen) for k, v in state.items()}
+        state = {k: _widen(k, v, dim, heads, lambda w: _split_in(w, gen)) for k, v in state.items()}
     kwargs = dict(spec.kwargs, depth=target, embed_dim=dim * cfg.width, num_heads=heads * cfg.width)
     new_spec = dataclasses.replace(spec, kwargs=kwargs)
     grown = create_model(new_spec)
@@ -84,30 +88,64 @@ def grow_model(model: nn.Module, spec: ModelSpec, cfg: GrowConfig) -> tuple[nn.M
     return grown.to(next(model.parameters()).device).train(model.training), new_spec
 
 
+def grow_optimizer_state(state: dict[str, dict[str, Tensor]], model: nn.Module,
+                         cfg: GrowConfig) -> dict[str, dict[str, Tensor]]:
+    """Per-parameter optimizer state (``{param name: {"exp_avg": ..., "step": ...}}``) of ``model``
+    mapped onto the model ``grow_model(model, spec, cfg)`` returns.
+
+    Depth: old blocks keep their state under their new index; inserted blocks get none (a fresh
+    state: zero moments and step 0, so Adam's bias correction treats them as new). Width x2:
+    tensors shaped like their parameter (Adam's moments, SGD's momentum) are expanded with the
+    weight's index map, duplicated where the weight is duplicated or split, without the split
+    factors: Adam's step m / sqrt(v) does not depend on the gradient's scale, so each copy
+    continues the step its unit was taking, and the split factors make the copies' gradients
+    diverge from there. Scalars (``step``) are kept. Other state (GaLore's projections) is refused.
+    """
+    depth, dim, heads = model_shape(model)
+    target = check_growth(depth, cfg)
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    for name, s in state.items():
+        for key, v in s.items():
+            if name not in shapes or (v.dim() and v.shape != shapes[name]):
+                raise EffVisionError(f"optimizer_state: carry cannot map state '{key}' {tuple(v.shape)} of '{name}' "
+                                     f"(only per-parameter moments shaped like their parameter, and scalars)")
+    out = dict(state)
+    if target > depth:
+        new_index = {i: j for j, (i, inserted) in enumerate(_depth_plan(depth, target, cfg.position)) if not inserted}
+        out = {}
+        for name, s in state.items():
+            m = _BLOCK.match(name)
+            out[f"blocks.{new_index[int(m.group(1))]}.{m.group(2)}" if m else name] = s
+    if cfg.width == 2:
+        out = {name: {key: _widen(name, v, dim, heads, _repeat_in) if v.dim() else v for key, v in s.items()}
+               for name, s in out.items()}
+    return out
+
+
 def _has_layer_scale(model: nn.Module) -> bool:
     return hasattr(model.blocks[0].ls1, "gamma")
 
 
+def _depth_plan(depth: int, target: int, position: str) -> list[tuple[int, bool]]:
+    """Per new block: (the old block it copies, whether it is an inserted block)."""
+    if position == "end":
+        return [(i, False) for i in range(depth)] + [(depth - 1, True)] * (target - depth)
+    # interleave: spread the new blocks evenly; after old block i go the inserts assigned to it
+    extra = [(target - depth) * (i + 1) // depth - (target - depth) * i // depth for i in range(depth)]
+    return [(i, j > 0) for i, n in enumerate(extra) for j in range(1 + n)]
+
+
 def _grow_depth(state: dict[str, Tensor], depth: int, target: int, position: str, layer_scale: bool) -> dict[str, Tensor]:
     """Renumber blocks; each new block copies the block before it with a zero residual output."""
-    # source[j]: the old block new block j copies; new[j]: whether it is an inserted block
-    if position == "end":
-        source, new = list(range(depth)) + [depth - 1] * (target - depth), [False] * depth + [True] * (target - depth)
-    else:  # spread the new blocks evenly: after old block i go the inserts assigned to it
-        extra = [(target - depth) * (i + 1) // depth - (target - depth) * i // depth for i in range(depth)]
-        source, new = [], []
-        for i, n in enumerate(extra):
-            source += [i] * (1 + n)
-            new += [False] + [True] * n
     blocks: dict[int, dict[str, Tensor]] = {}
     out = {}
     for key, value in state.items():
-        m = re.match(r"^blocks\.(\d+)\.(.*)$", key)
+        m = _BLOCK.match(key)
         if m:
             blocks.setdefault(int(m.group(1)), {})[m.group(2)] = value
         else:
             out[key] = value
-    for j, (i, inserted) in enumerate(zip(source, new)):
+    for j, (i, inserted) in enumerate(_depth_plan(depth, target, position)):
         for name, value in blocks[i].items():
             value = value.clone()
             if inserted and _zeroes_branch(name, layer_scale):
@@ -128,8 +166,14 @@ def _split_in(w: Tensor, gen: torch.Generator) -> Tensor:
     return torch.cat([w * r, w * (1 - r)], dim=1)
 
 
-def _widen(key: str, v: Tensor, dim: int, heads: int, gen: torch.Generator) -> Tensor:
-    """The x2 version of one state-dict tensor (residual stream [x] -> [x, x])."""
+def _repeat_in(w: Tensor) -> Tensor:
+    """[out, in] -> [out, 2*in], columns repeated (optimizer moments of split weights)."""
+    return torch.cat([w, w], dim=1)
+
+
+def _widen(key: str, v: Tensor, dim: int, heads: int, split: Callable[[Tensor], Tensor]) -> Tensor:
+    """The x2 version of one state-dict tensor (residual stream [x] -> [x, x]); ``split`` maps a
+    weight reading the duplicated stream, [out, in] -> [out, 2*in]."""
     if key.startswith("patch_embed.backbone."):   # conv tokenizer: before the embedding width
         return v
     if key.startswith("patch_embed.proj."):        # conv producing the residual stream: duplicate outputs
@@ -141,7 +185,7 @@ def _widen(key: str, v: Tensor, dim: int, heads: int, gen: torch.Generator) -> T
     if re.search(r"\.attn\.(q_norm|k_norm)\.", key):
         return v                                  # per head_dim, which is unchanged
     if key.endswith("attn.qkv.weight"):           # [3*H*hd, D] -> [3*2H*hd, 2D], heads duplicated
-        w = _split_in(v, gen).reshape(3, heads, -1, 2 * dim)
+        w = split(v).reshape(3, heads, -1, 2 * dim)
         return torch.cat([w, w], dim=1).reshape(-1, 2 * dim)
     if key.endswith("attn.qkv.bias"):
         b = v.reshape(3, heads, -1)
@@ -149,11 +193,11 @@ def _widen(key: str, v: Tensor, dim: int, heads: int, gen: torch.Generator) -> T
     if re.search(r"\.(attn\.proj|mlp\.fc1|mlp\.fc2)\.weight$", key):
         # input duplicated (heads / hidden / stream) -> split columns; output duplicated -> copy rows,
         # each copy with its own split so copies get different gradients
-        return torch.cat([_split_in(v, gen), _split_in(v, gen)], dim=0)
+        return torch.cat([split(v), split(v)], dim=0)
     if re.search(r"\.(attn\.proj|mlp\.fc1|mlp\.fc2)\.bias$", key):
         return torch.cat([v, v], dim=0)
     if key == "head.weight":
-        return _split_in(v, gen)
+        return split(v)
     if key == "head.bias":
         return v
     raise EffVisionError(f"width growth does not know how to grow '{key}' {tuple(v.shape)} "

@@ -25,7 +25,7 @@ from ..io import atomic_write_text
 from ..models.io import WEIGHTS_FILE, ModelSpec, create_model
 
 __all__ = ["module_blocks", "meta_spec", "spec_hash", "weights_hash", "incubation_model", "save_module",
-           "assemble_modules", "MODULE_FILE"]
+           "assemble_modules", "check_modules", "read_module", "MODULE_FILE"]
 
 MODULE_FILE = "module.json"
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
@@ -122,9 +122,11 @@ def read_module(directory: Path) -> dict:
     return {**json.loads(path.read_text()), "dir": Path(directory)}
 
 
-def assemble_modules(dirs: list[Path]) -> tuple[nn.Module, ModelSpec, dict]:
-    """The target model from K module directories; all must share the meta model and target spec."""
-    infos = [read_module(d) for d in dirs]
+def check_modules(infos: list[dict]) -> int:
+    """K, after checking that the modules come from one meta model and target and that modules
+    0..K-1 are each present once (module.json only: cheap enough for a preflight)."""
+    if not infos:
+        raise EffVisionError("assemble needs module dirs; none were given or found")
     first = infos[0]
     for info in infos[1:]:
         for key in ("meta_hash", "target_hash", "modules"):
@@ -138,6 +140,14 @@ def assemble_modules(dirs: list[Path]) -> tuple[nn.Module, ModelSpec, dict]:
         dup = sorted({i for i in have if have.count(i) > 1})
         parts = ([f"missing {missing}"] if missing else []) + ([f"duplicated {dup}"] if dup else [])
         raise EffVisionError(f"assemble needs modules 0..{modules - 1} once each: {', '.join(parts)}")
+    return modules
+
+
+def assemble_modules(dirs: list[Path]) -> tuple[nn.Module, ModelSpec, dict]:
+    """The target model from K module directories; all must share the meta model and target spec."""
+    infos = [read_module(d) for d in dirs]
+    modules = check_modules(infos)
+    first = infos[0]
     spec = ModelSpec(**first["target"])
     model = create_model(spec)
     state: dict[str, torch.Tensor] = {}

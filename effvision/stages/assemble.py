@@ -4,13 +4,14 @@ directories, check their hashes, build the target); then ``finetune`` trains the
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..assemble.modules import (MODULE_FILE, assemble_modules, incubation_model, meta_spec, module_blocks,
-                                save_module, spec_hash, target_depth, weights_hash)
+from ..assemble.modules import (MODULE_FILE, assemble_modules, check_modules, incubation_model, meta_spec,
+                                module_blocks, read_module, save_module, spec_hash, target_depth, weights_hash)
 from ..engine import TrainConfig, Trainer
 from ..errors import EffVisionError
 from ..models.catalog import count_params_macs
@@ -45,6 +46,18 @@ class AssembleConfig:
 
 def _check_split(recipe: Any, modules: int) -> int:
     return len(module_blocks(target_depth(recipe_spec(recipe)), modules)[0])
+
+
+def _check_meta_dir(meta: Path, recipe: Any, modules: int) -> None:
+    """A meta model dir given by path must be the meta model of this recipe's target with K blocks."""
+    if not (meta / "model.json").is_file():
+        raise EffVisionError(f"meta: no model in {meta}")
+    spec = json.loads((meta / "model.json").read_text())
+    want = {"name": recipe.model.name, "kwargs": dict(recipe.model.kwargs, depth=modules)}
+    have = {"name": spec.get("name"), "kwargs": spec.get("kwargs")}
+    if have != want:
+        raise EffVisionError(f"meta: {meta} holds {have['name']} {have['kwargs']}, not the meta model of this recipe's "
+                             f"target for modules: {modules} ({want['name']} {want['kwargs']})")
 
 
 def _train(stage: Stage, model, spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
@@ -100,10 +113,14 @@ class IncubateStage(Stage):
         _check_split(recipe, cfg.modules)
         if not 0 <= cfg.module < cfg.modules:
             raise EffVisionError(f"module: {cfg.module} is out of range for {cfg.modules} modules (0..{cfg.modules - 1})")
-        if cfg.meta and not (Path(cfg.meta) / "model.json").is_file():
-            raise EffVisionError(f"meta: no model in {cfg.meta}")
-        if not cfg.meta and "meta" not in [s.type for s in recipe.stages[:index - 1]]:
+        if cfg.meta:
+            _check_meta_dir(Path(cfg.meta), recipe, cfg.modules)
+            return
+        metas = [s for s in recipe.stages[:index - 1] if s.type == "meta"]
+        if not metas:
             raise EffVisionError("incubate needs a meta model: a 'meta' stage before it, or meta: DIR")
+        if metas[-1].modules != cfg.modules:
+            raise EffVisionError(f"modules: {cfg.modules}, but the meta stage before it has modules: {metas[-1].modules}")
 
     def _meta_dir(self) -> Path:
         if self.cfg.meta:
@@ -149,8 +166,15 @@ class AssembleStage(Stage):
         for d in cfg.modules:
             if not (_module_dir(Path(d)) / MODULE_FILE).is_file():
                 raise EffVisionError(f"modules: no incubated module in {d} (expected {MODULE_FILE}, or {MODULE_DIR}/{MODULE_FILE})")
-        if not cfg.modules and "incubate" not in [s.type for s in recipe.stages[:index - 1]]:
+        if cfg.modules:  # trained elsewhere: their hashes and indices are known now
+            check_modules([read_module(_module_dir(Path(d))) for d in cfg.modules])
+            return
+        jobs = [(i, s) for i, s in enumerate(recipe.stages[:index - 1]) if s.type == "incubate"]
+        if not jobs:
             raise EffVisionError("assemble needs modules: list the module dirs, or put incubate stages before it")
+        # this run's incubate stages: modules 0..K-1 once each, one K
+        check_modules([{"module": s.module, "modules": s.modules, "meta_hash": "", "target_hash": "",
+                        "dir": f"stages[{i}]"} for i, s in jobs])
 
     def run(self) -> dict[str, Any]:
         ctx, cfg = self.ctx, self.cfg

@@ -5,6 +5,7 @@ import time
 from typing import Any
 
 from .. import optim  # noqa: F401  (registers the galore_* optimizers)
+from ..assemble.optimizer_state import carry_optimizer_state
 from ..engine import Hooks, TrainConfig, Trainer
 from ..models.catalog import count_params_macs
 from ..models.io import load_model, save_model
@@ -39,10 +40,11 @@ class TrainStage(Stage):
         trainer = Trainer(model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
                           augment=recipe.data.augment, hooks=hooks)
+        carried = carry_optimizer_state(trainer.optimizer, trainer.model, prior)  # after a grow stage's carry
         result = trainer.fit(resume=ctx.resume)
         if ctx.dist.is_main:
             save_model(result.model, spec, ctx.stage_dir / MODEL_DIR)
-        return {**result.metrics, "model": spec.name, "params_m": params_m, "gmacs": gmacs,
+        return {**result.metrics, **carried, "model": spec.name, "params_m": params_m, "gmacs": gmacs,
                 "epochs": cfg.epochs, "world_size": ctx.dist.world_size, "device": str(ctx.device),
                 "wall_time_s": time.perf_counter() - t0}
 
