@@ -11,6 +11,7 @@ from timm.models.vision_transformer import Attention
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from .backends import BACKENDS, Backend
 from .policies import Grid, block_cover, expand_blocks, policy_token_mask
 
 __all__ = ["SparseAttentionConfig", "attention_maps", "candidates", "choose_policies"]
@@ -24,12 +25,15 @@ class SparseAttentionConfig:
     strides: list[int] = field(default_factory=lambda: [2, 4])
     heavy_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25])
     calib_batches: int = 4
+    backend: Backend = "auto"               # kernel / flex / sdpa, or auto: per shape (backends.CUDA_RULES)
 
     def validate(self, where: str = "sparse_attention") -> None:
         if not 0.0 < self.recovery <= 1.0:
             raise ConfigError(f"{where}.recovery must be in (0, 1], got {self.recovery}")
         if self.block < 16 or self.block & (self.block - 1):
             raise ConfigError(f"{where}.block must be a power of two >= 16, got {self.block}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"{where}.backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         if self.calib_batches < 1 or any(r < 1 for r in self.radii) or any(s < 2 for s in self.strides) \
                 or any(not 0 < f < 1 for f in self.heavy_fractions):
             raise ConfigError(f"{where}: calib_batches >= 1, radii >= 1, strides >= 2, heavy_fractions in (0, 1)")
