@@ -45,12 +45,14 @@ class BlockGatherAttention(nn.Module):
         self.gathered = gather                                             # per head, for the manifest
         self.heads_g, self.heads_d = len(g_idx), len(d_idx)
         buf = lambda name, t: self.register_buffer(name, t, persistent=False)  # noqa: E731
+        # additive float masks: onnxruntime adds them to the scores (no Where per call)
+        fmask = lambda m: torch.zeros(m.shape).masked_fill(~m, float("-inf"))  # noqa: E731
         buf("g_idx", torch.tensor(g_idx, dtype=torch.long))
         buf("d_idx", torch.tensor(d_idx, dtype=torch.long))
         buf("head_inv", torch.argsort(torch.tensor(g_idx + d_idx, dtype=torch.long)))
         if d_idx:                                                          # masked dense heads
             tm = token_mask(bm[d_idx], n, block)                           # (Hd, N, N)
-            buf("d_mask", tm | ~tm.any(-1, keepdim=True))                  # empty rows: dummy, zeroed after
+            buf("d_mask", fmask(tm | ~tm.any(-1, keepdim=True)))                  # empty rows: dummy, zeroed after
             buf("d_empty", ~tm.any(-1, keepdim=True))                      # (Hd, N, 1)
         if g_idx:
             bg = bm[g_idx]                                                 # (Hg, nb, nb)
@@ -73,12 +75,12 @@ class BlockGatherAttention(nn.Module):
                 tok = tok_ok.reshape(nb, block)[order]                     # (Hg, S, K, block)
                 km = (slot_ok[..., None] & tok).reshape(len(g_idx) * self.ns, 1, kmax * block)
                 empty = ~km.any(-1, keepdim=True)                          # (Hg*S, 1, 1)
-                buf("s_mask", km | empty)
+                buf("s_mask", fmask(km | empty))
                 buf("s_empty", empty)
             if self.nd:
                 tm = token_mask(bg, nb * block, block)[:, :, :n]           # (Hg, nb*block, N) padded query rows
                 tm = tm.reshape(len(g_idx), nb, block, n)[:, d_rows].reshape(len(g_idx), -1, n)
-                buf("dr_mask", tm | ~tm.any(-1, keepdim=True))
+                buf("dr_mask", fmask(tm | ~tm.any(-1, keepdim=True)))
                 buf("dr_empty", ~tm.any(-1, keepdim=True))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
