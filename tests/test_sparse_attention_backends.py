@@ -55,12 +55,12 @@ def test_onnx_export_uses_the_gathered_form_with_parity(tmp_path: Path) -> None:
     from export.model_dir import export_model_dir
     from export.onnx import OnnxExportConfig
 
-    spec = ModelSpec(name="vit_micro_patch4_32", num_classes=10, img_size=64, kwargs={"img_size": 64, "depth": 2})
+    spec = ModelSpec(name="vit_micro_patch4_32", num_classes=10, img_size=64, kwargs={"img_size": 64, "depth": 1})
     torch.manual_seed(0)
     model = create_model(spec).eval()
     assert model_grid(model) == GRID
     heads = [{"policy": p, "density": 0.0, "kept": 1.0} for p in POLICIES]
-    pol = {"grid": {"prefix": 1, "h": 16, "w": 16}, "block": 16, "layers": {f"blocks.{i}.attn": heads for i in (0, 1)}}
+    pol = {"grid": {"prefix": 1, "h": 16, "w": 16}, "block": 16, "layers": {"blocks.0.attn": heads}}
     apply_policies(model, pol)
     src = tmp_path / "model"
     write_policies(src, pol)
@@ -71,7 +71,7 @@ def test_onnx_export_uses_the_gathered_form_with_parity(tmp_path: Path) -> None:
     kinds = manifest["sparse_attention"]["kinds"]
     assert kinds["local"]["speedup_carries_to_onnxruntime"] == "yes"
     assert kinds["special+local"]["speedup_carries_to_onnxruntime"] == "yes"
-    assert kinds["heavy"]["speedup_carries_to_onnxruntime"] == "no" and kinds["heavy"]["heads"] == 2
+    assert kinds["heavy"]["speedup_carries_to_onnxruntime"] == "no" and kinds["heavy"]["heads"] == 1
     # the graph really gathers key blocks (not a dense N x N attention only)
     import onnx
 
@@ -125,7 +125,8 @@ def test_detection_backbone_at_high_resolution() -> None:
     body = backbone("vit_micro_patch4_32", out_channels=32, kwargs={"depth": 2})
     det = build_detector("fcos", body, num_classes=4, min_size=128, max_size=128, fixed_size=(128, 128))
     images = torch.rand(2, 3, 128, 128)
-    spec = sparsify_attention_(body, SparseAttentionConfig(recovery=0.9, block=64, calib_batches=1), [images])
+    cfg = SparseAttentionConfig(recovery=0.9, block=64, radii=[2], strides=[4], heavy_fractions=[0.1])
+    spec = sparsify_attention_(body, cfg, [images])
     assert spec["grid"] == {"prefix": 1, "h": 32, "w": 32}
     swapped = [m for m in body.modules() if isinstance(m, SparseAttention)]
     assert len(swapped) == 2 and swapped[0].block_mask.shape == (3, 17, 17)
@@ -134,7 +135,7 @@ def test_detection_backbone_at_high_resolution() -> None:
         (out,) = det([images[0]])
     assert set(out) == {"boxes", "scores", "labels"}
     det.train()
-    losses = det(list(images), [{"boxes": torch.tensor([[8.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([1])}] * 2)
+    losses = det([images[1]], [{"boxes": torch.tensor([[8.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([1])}])
     total = sum(losses.values())
     total.backward()
     assert torch.isfinite(total) and swapped[0].qkv.weight.grad is not None
