@@ -57,9 +57,12 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, sc
     if q.is_cuda:
         fn = _compiled.setdefault("flex", torch.compile(flex_attention, dynamic=False))
         return fn(q, k, v, block_mask=mask, scale=scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError("FlexAttention has no backward on the CPU")
     with warnings.catch_warnings():  # "called without torch.compile()": intended off CUDA
         warnings.simplefilter("ignore")
-        return flex_attention(q, k, v, block_mask=mask, scale=scale)
+        # it refuses inputs that require grad even under no_grad
+        return flex_attention(q.detach(), k.detach(), v.detach(), block_mask=mask, scale=scale)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block: int, scale: float,
@@ -69,7 +72,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.
     n = q.shape[2]
     check_block_mask(block_mask, q.shape[1], n, block)
     name = pick_backend(backend, n, q.device)
-    if name == "flex" and not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+    if name == "flex" and not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         if "flex-cpu-grad" not in _warned:
             _warned.add("flex-cpu-grad")
             warnings.warn("FlexAttention has no backward on the CPU; using the SDPA reference for training there",
