@@ -18,7 +18,7 @@ from effvision.attention.export import BlockGatherAttention
 from effvision.attention.policies import Grid, block_cover, policy_token_mask
 from effvision.errors import ConfigError, EffVisionError
 from effvision.kernels.block_sparse_attention import block_sparse_attention_ref
-from effvision.models.io import ModelSpec, create_model, save_model
+from effvision.models.io import ModelSpec, create_model, load_model, save_model
 
 GRID = Grid(prefix=1, h=16, w=16)   # 257 tokens: 17 blocks of 16
 POLICIES = [{"kind": "local", "radius": 1}, {"kind": "special+local", "radius": 1},
@@ -141,7 +141,7 @@ def test_detection_backbone_at_high_resolution() -> None:
     assert torch.isfinite(total) and swapped[0].qkv.weight.grad is not None
 
 
-def test_bad_input_before_any_work() -> None:
+def test_bad_input_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="backend must be one of"):
         SparseAttentionConfig(backend="cuda").validate()
     model = create_model(ModelSpec(name="vit_micro_patch4_32", num_classes=10))
@@ -151,7 +151,16 @@ def test_bad_input_before_any_work() -> None:
     with pytest.raises(EffVisionError, match="backend 'tpu'"):
         apply_policies(model, {"grid": {"prefix": 1, "h": 8, "w": 8}, "block": 16, "backend": "tpu",
                                "layers": {"blocks.0.attn": heads}})
+    with pytest.raises(EffVisionError, match="16x16 token grid; the model runs 8x8"):
+        apply_policies(model, {"grid": {"prefix": 1, "h": 16, "w": 16}, "block": 16, "layers": {"blocks.0.attn": heads}})
     assert not any(isinstance(m, SparseAttention) for m in model.modules())
+    # from disk: a model dir whose policies have other heads fails in load_model, before the weights load
+    spec = ModelSpec(name="vit_micro_patch4_32", num_classes=10)
+    write_policies(tmp_path, {"grid": {"prefix": 1, "h": 8, "w": 8}, "block": 16,
+                              "layers": {"blocks.0.attn": heads[:2]}})
+    save_model(model, spec, tmp_path)
+    with pytest.raises(EffVisionError, match="'blocks.0.attn' have 2 heads; the model has 3"):
+        load_model(tmp_path)
     q = torch.randn(1, 3, 65, 32)
     with pytest.raises(ValueError, match=r"shape \(heads=3, 5, 5\)"):
         attend(q, q, q, torch.ones(2, 5, 5, dtype=torch.bool), 16, 0.2, backend="flex")

@@ -48,16 +48,18 @@ class SparseAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
+def _vit(model: nn.Module) -> nn.Module:
+    """The timm ViT itself, or the one inside an effvision detection backbone."""
+    for m in model.modules():
+        if hasattr(m, "patch_embed") and hasattr(m.patch_embed, "grid_size"):
+            return m
+    raise EffVisionError("sparse attention needs a ViT with a patch_embed grid")
+
+
 def model_grid(model: nn.Module, input_hw: tuple[int, int] | None = None) -> Grid:
     """The token grid of a timm ViT (or of the ViT inside an effvision detection backbone) at
     its own image size, or at ``input_hw`` (a backbone with dynamic image size)."""
-    vit = model
-    for m in model.modules():
-        if hasattr(m, "patch_embed") and hasattr(m.patch_embed, "grid_size"):
-            vit = m
-            break
-    if not hasattr(vit, "patch_embed"):
-        raise EffVisionError("sparse attention needs a ViT with a patch_embed grid")
+    vit = _vit(model)
     gh, gw = vit.patch_embed.grid_size
     if input_hw is not None:
         ph, pw = vit.patch_embed.patch_size
@@ -82,6 +84,10 @@ def apply_policies(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     if grid.prefix != vit_grid.prefix:
         raise EffVisionError(f"attention policies were profiled with {grid.prefix} special tokens; the model has "
                              f"{vit_grid.prefix}")
+    # a fixed-size ViT runs one grid only; a dynamic-size one (detection) runs at the profiled size
+    if not getattr(_vit(model), "dynamic_img_size", False) and (grid.h, grid.w) != (vit_grid.h, vit_grid.w):
+        raise EffVisionError(f"attention policies were profiled on a {grid.h}x{grid.w} token grid; the model runs "
+                             f"{vit_grid.h}x{vit_grid.w}")
     for name, heads in spec["layers"].items():
         if name not in mods:
             raise EffVisionError(f"attention policies name layer '{name}', which is not in the model")
