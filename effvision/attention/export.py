@@ -51,9 +51,10 @@ class BlockGatherAttention(nn.Module):
         buf("d_idx", torch.tensor(d_idx, dtype=torch.long))
         buf("head_inv", torch.argsort(torch.tensor(g_idx + d_idx, dtype=torch.long)))
         if d_idx:                                                          # masked dense heads
-            tm = token_mask(bm[d_idx], n, block)                           # (Hd, N, N)
-            buf("d_mask", fmask(tm | ~tm.any(-1, keepdim=True)))                  # empty rows: dummy, zeroed after
-            buf("d_empty", ~tm.any(-1, keepdim=True))                      # (Hd, N, 1)
+            # the (Hd, N, N) mask is expanded in forward from the block mask: an N x N buffer per
+            # head would sit in memory for the eager model's whole life (0.5 GB a layer at N 4,097)
+            buf("d_block", bm[d_idx])                                      # (Hd, nb, nb)
+            buf("d_empty", ~token_mask(bm[d_idx], n, block).any(-1, keepdim=True))  # (Hd, N, 1)
         if g_idx:
             bg = bm[g_idx]                                                 # (Hg, nb, nb)
             rows_d = dense_row[g_idx].any(0)                               # union over the gathered heads
@@ -89,8 +90,10 @@ class BlockGatherAttention(nn.Module):
             outs.append(self._gathered(q.index_select(1, self.g_idx), k.index_select(1, self.g_idx),
                                        v.index_select(1, self.g_idx), scale))
         if self.heads_d:
+            tm = token_mask(self.d_block, self.n, self.block) | self.d_empty  # empty rows: dummy, zeroed after
+            add = torch.zeros(tm.shape, dtype=q.dtype, device=q.device).masked_fill(~tm, float("-inf"))
             o = F.scaled_dot_product_attention(q.index_select(1, self.d_idx), k.index_select(1, self.d_idx),
-                                               v.index_select(1, self.d_idx), attn_mask=self.d_mask, scale=scale)
+                                               v.index_select(1, self.d_idx), attn_mask=add, scale=scale)
             outs.append(o.masked_fill(self.d_empty, 0.0))
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         return out.index_select(1, self.head_inv) if self.heads_g and self.heads_d else out
