@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
-from effvision.attention import (POLICY_FILE, SparseAttention, SparseAttentionConfig, apply_policies, density_report,
-                                 model_grid, sparsify_attention_, write_policies)
+from effvision.attention import (SparseAttention, SparseAttentionConfig, apply_policies, density_report, model_grid,
+                                 read_policies, sparsify_attention_, with_policies)
 from effvision.attention.policies import Grid, block_cover, expand_blocks, policy_token_mask
 from effvision.errors import ConfigError, EffVisionError
 from effvision.models.io import ModelSpec, create_model, load_model, save_model
@@ -52,11 +52,11 @@ def test_profiling_keeps_the_mass_and_swaps_in_place(tmp_path: Path) -> None:
     full = _model()
     sparsify_attention_(full, SparseAttentionConfig(recovery=1.0, block=16), [x])
     torch.testing.assert_close(full(x), dense, rtol=1e-4, atol=1e-5)
-    # on disk: spec + safetensors + attention_policies.json, reloaded in a fresh model
+    # on disk: spec (policies as a model transform) + safetensors, reloaded in a fresh model
     out = tmp_path / "m"
-    write_policies(out, spec)
-    save_model(model, ModelSpec(name="vit_micro_patch4_32", num_classes=10), out)
-    loaded, _ = load_model(out)
+    save_model(model, with_policies(ModelSpec(name="vit_micro_patch4_32", num_classes=10), spec), out)
+    loaded, loaded_spec = load_model(out)
+    assert read_policies(loaded_spec)["layers"] == spec["layers"]
     assert isinstance(loaded.blocks[1].attn, SparseAttention)
     torch.testing.assert_close(loaded(x), sparse, rtol=1e-5, atol=1e-6)
 
@@ -87,7 +87,8 @@ def test_sparse_attention_stage_in_a_recipe(tmp_path: Path) -> None:
     stage = run / "02-sparse_attention"
     summary = json.loads((stage / "summary.json").read_text())
     assert 0 < summary["density"]["mean_density"] <= 1 and "per_head" in summary["density"]
-    assert (stage / "model" / POLICY_FILE).is_file()
+    model_json = json.loads((stage / "model" / "model.json").read_text())
+    assert [t["name"] for t in model_json["transforms"]] == ["sparse_attention"]
     # export: block gather / masked dense per head, parity-checked against the sparse model
     manifest = json.loads(next(run.glob("03-export/**/manifest.json")).read_text())
     kinds = manifest["sparse_attention"]["kinds"]

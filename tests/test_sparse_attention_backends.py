@@ -13,7 +13,7 @@ import torch
 
 import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
 from effvision.attention import (SparseAttention, SparseAttentionConfig, apply_policies, attend, model_grid,
-                                 pick_backend, sparsify_attention_, write_policies)
+                                 pick_backend, sparsify_attention_, with_policies)
 from effvision.attention.export import BlockGatherAttention
 from effvision.attention.policies import Grid, block_cover, policy_token_mask
 from effvision.errors import ConfigError, EffVisionError
@@ -63,8 +63,7 @@ def test_onnx_export_uses_the_gathered_form_with_parity(tmp_path: Path) -> None:
     pol = {"grid": {"prefix": 1, "h": 16, "w": 16}, "block": 16, "layers": {"blocks.0.attn": heads}}
     apply_policies(model, pol)
     src = tmp_path / "model"
-    write_policies(src, pol)
-    save_model(model, spec, src)
+    save_model(model, with_policies(spec, pol), src)
     export_model_dir(src, tmp_path / "export", OnnxExportConfig(parity_batch_sizes=[1, 2]))
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["parity"]["max_abs_error"] <= 1e-4
@@ -155,9 +154,8 @@ def test_bad_input_before_any_work(tmp_path: Path) -> None:
         apply_policies(model, {"grid": {"prefix": 1, "h": 16, "w": 16}, "block": 16, "layers": {"blocks.0.attn": heads}})
     assert not any(isinstance(m, SparseAttention) for m in model.modules())
     # from disk: a model dir whose policies have other heads fails in load_model, before the weights load
-    spec = ModelSpec(name="vit_micro_patch4_32", num_classes=10)
-    write_policies(tmp_path, {"grid": {"prefix": 1, "h": 8, "w": 8}, "block": 16,
-                              "layers": {"blocks.0.attn": heads[:2]}})
+    spec = with_policies(ModelSpec(name="vit_micro_patch4_32", num_classes=10),
+                         {"grid": {"prefix": 1, "h": 8, "w": 8}, "block": 16, "layers": {"blocks.0.attn": heads[:2]}})
     save_model(model, spec, tmp_path)
     with pytest.raises(EffVisionError, match="'blocks.0.attn' have 2 heads; the model has 3"):
         load_model(tmp_path)

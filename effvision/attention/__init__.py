@@ -1,6 +1,6 @@
 """Adaptive per-head sparse attention for timm ViTs (FastGen's policies on the 2-D token grid):
 profile on calibration images, choose per head the cheapest policy in kernel blocks that keeps
-a fraction of the attention mass, swap the Attention modules in place, persist as JSON."""
+a fraction of the attention mass, swap the Attention modules in place, persist in the model spec (a model transform)."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -12,12 +12,12 @@ from ..errors import ConfigError
 from .backends import CUDA_RULES, attend, pick_backend
 from .export import export_summary
 from .module import SparseAttention, apply_policies, density_report, model_grid
-from .persist import POLICY_FILE, read_policies, write_policies
+from .persist import read_policies, with_policies
 from .policies import Grid
 from .profile import SparseAttentionConfig, attention_maps, choose_policies
 
 __all__ = ["SparseAttentionConfig", "SparseAttention", "Grid", "sparsify_attention_", "apply_policies",
-           "density_report", "model_grid", "read_policies", "write_policies", "POLICY_FILE", "attend", "pick_backend",
+           "density_report", "model_grid", "read_policies", "with_policies", "attend", "pick_backend",
            "CUDA_RULES", "export_summary"]
 
 

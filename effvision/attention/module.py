@@ -22,7 +22,7 @@ class SparseAttention(Attention):
     def _setup(self, policies: list[dict[str, Any]], grid: Grid, block: int, backend: str = "auto") -> None:
         self.policies, self.grid, self.block, self.backend = policies, grid, block, backend
         masks = torch.stack([block_cover(policy_token_mask(p, grid), block) for p in policies])
-        # not in the state dict: the policies (attention_policies.json) define it
+        # not in the state dict: the policies (a transform in the model spec) define it
         self.register_buffer("block_mask", masks.to(self.qkv.weight.device), persistent=False)
         # what torch.export (ONNX) traces instead: block gather / masked dense, same outputs
         self.export_attn = BlockGatherAttention(masks, grid.n, block).to(self.qkv.weight.device)
