@@ -75,7 +75,7 @@ def main() -> None:
             rates[f].append(args.batch_size / statistics.median(t))
     dense = statistics.median(rates["dense"])
     for f, v in rates.items():
-        print(f"{f}: {statistics.median(v):.1f} img/s (x{statistics.median(v) / dense:.2f} dense)")
+        print(f"{f}: {statistics.median(v):.2f} img/s (x{statistics.median(v) / dense:.2f} dense)")
 
 
 if __name__ == "__main__":

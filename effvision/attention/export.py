@@ -52,7 +52,7 @@ class BlockGatherAttention(nn.Module):
         buf("head_inv", torch.argsort(torch.tensor(g_idx + d_idx, dtype=torch.long)))
         if d_idx:                                                          # masked dense heads
             # the (Hd, N, N) mask is expanded in forward from the block mask: an N x N buffer per
-            # head would sit in memory for the eager model's whole life (0.5 GB a layer at N 4,097)
+            # head would sit in memory for the eager model's whole life (0.4 GB a layer, 6 heads at N 4,097)
             buf("d_block", bm[d_idx])                                      # (Hd, nb, nb)
             buf("d_empty", ~token_mask(bm[d_idx], n, block).any(-1, keepdim=True))  # (Hd, N, 1)
         if g_idx:
