@@ -66,10 +66,10 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
     if cfg.dynamic_hw:
         info["input"]["shape"][2:] = [f"height (multiple of {cfg.hw_multiple})", f"width (multiple of {cfg.hw_multiple})"]
         info["parity"]["sizes"] = cfg.parity_sizes(shape)
-    from effvision.attention import read_policies
+    from effvision.attention import export_summary
 
-    if read_policies(model_dir) is not None:  # sparse attention (issue 12) exports through its reference
-        info["sparse_attention"] = ("per-head block-sparse attention exported as masked dense attention with the "
-                                    "same outputs; the sparse speedup does not carry to this runtime")
+    sparse = export_summary(model)  # sparse attention (issue 12): per policy kind, the export form
+    if sparse is not None:
+        info["sparse_attention"] = sparse
     write_manifest(out_dir, [ONNX_FILE], info)
     return {"onnx": str(path), **{k: info[k] for k in ("opset", "model")}, "parity": parity}

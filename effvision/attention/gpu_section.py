@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..bench import time_calls
 from ..kernels.block_sparse_attention import block_sparse_attention
+from .backends import flex_attend, flex_block_mask, pick_backend
 
 __all__ = ["sparse_attention_section", "sparse_attention_markdown"]
 
@@ -25,26 +26,18 @@ def _mask(h: int, nb: int, density: float, seed: int = 0) -> torch.Tensor:
     return m
 
 
-def _flex(q, k, v, bm: torch.Tensor, block: int) -> Callable[[], torch.Tensor] | None:
-    try:  # FlexAttention: PyTorch's own Triton block-sparse attention, compiled on CUDA
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    n = q.shape[2]
-
-    def mask_mod(b, h, qi, ki):
-        return bm[h, qi // block, ki // block]
-
-    mask = create_block_mask(mask_mod, None, q.shape[1], n, n, device=str(q.device), BLOCK_SIZE=block)
-    fn = torch.compile(flex_attention) if q.is_cuda else flex_attention
-    return lambda: fn(q, k, v, block_mask=mask)
+def _flex(q, k, v, bm: torch.Tensor, block: int) -> Callable[[], torch.Tensor]:
+    # the policy layer's FlexAttention backend: compiled on CUDA, eager (forward only) on the CPU
+    mask = flex_block_mask(bm, q.shape[2], block)
+    return lambda: flex_attend(q, k, v, mask, 1.0 / q.shape[-1] ** 0.5)
 
 
 def _time(fn: Callable[[], torch.Tensor], backward: bool, iters: int, sync) -> float:
     def call():
-        out = fn()
-        if backward:
-            out.sum().backward()
+        if not backward:
+            with torch.no_grad():
+                return fn()
+        fn().sum().backward()
     return 1e3 * statistics.median(time_calls(call, warmup=3, iters=iters, sync=sync))
 
 
@@ -63,26 +56,31 @@ def sparse_attention_section(args: argparse.Namespace) -> list[dict[str, Any]]:
             backends = {"sdpa dense": lambda: F.scaled_dot_product_attention(q, k, v),
                         "effvision kernel": lambda: block_sparse_attention(q, k, v, bm, block=block)}
             try:
-                flex = _flex(q, k, v, bm, block)
-                if flex is not None:
-                    backends["flex_attention"] = flex
+                backends["flex_attention"] = _flex(q, k, v, bm, block)
             except Exception as e:  # noqa: BLE001  (report, don't lose the other rows)
                 rows.append({"n": n, "density": density, "backend": "flex_attention", "error": repr(e)[:200]})
             times = {}
             for name, fn in backends.items():
+                # FlexAttention has no backward on the CPU: forward only there
+                no_bwd = name == "flex_attention" and not q.is_cuda
                 try:
-                    times[name] = (_time(fn, False, 3 if toy else 20, sync), _time(fn, True, 3 if toy else 20, sync))
+                    times[name] = (_time(fn, False, 3 if toy else 20, sync),
+                                   None if no_bwd else _time(fn, True, 3 if toy else 20, sync))
                 except Exception as e:  # noqa: BLE001
                     rows.append({"n": n, "density": density, "backend": name, "error": repr(e)[:200]})
             base = times.get("sdpa dense")
             for name, (fwd, fb) in times.items():
                 row = {"n": n, "density": round(bm.float().mean().item(), 3), "backend": name, "fwd_ms": fwd,
                        "fwd_bwd_ms": fb, "fwd_speedup": base[0] / fwd if base else None,
-                       "fwd_bwd_speedup": base[1] / fb if base else None}
+                       "fwd_bwd_speedup": base[1] / fb if base and fb else None}
                 rows.append(row)
                 print(f"  sparse_attention N={n} density {row['density']} {name:16s} fwd {fwd:.3f} ms "
-                      f"fwd+bwd {fb:.3f} ms", flush=True)
+                      f"fwd+bwd {_f(fb, ' ms')}", flush=True)
     return rows
+
+
+def _f(v: float | None, unit: str = "", digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}{unit}"
 
 
 def sparse_attention_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -92,7 +90,17 @@ def sparse_attention_markdown(rows: list[dict[str, Any]]) -> list[str]:
         if "error" in r:
             lines.append(f"| {r['n']} | {r['density']} | {r['backend']} | failed: {r['error']} | | | |")
         else:
-            lines.append(f"| {r['n']} | {r['density']} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                         f"{r['fwd_speedup']:.2f}x | {r['fwd_bwd_speedup']:.2f}x |")
+            lines.append(f"| {r['n']} | {r['density']} | {r['backend']} | {r['fwd_ms']:.3f} | {_f(r['fwd_bwd_ms'])} | "
+                         f"{_f(r['fwd_speedup'], 'x', 2)} | {_f(r['fwd_bwd_speedup'], 'x', 2)} |")
+    fastest: dict[tuple[int, float], tuple[float, str]] = {}
+    for r in rows:
+        if "error" not in r and r["backend"] != "sdpa dense":
+            key = (r["n"], r["density"])
+            fastest[key] = min(fastest.get(key, (float("inf"), "")), (r["fwd_ms"], r["backend"]))
+    if fastest:
+        lines += ["", "Fastest sparse backend (forward) per shape, and what `backend: auto` picks "
+                      "(effvision.attention.backends.CUDA_RULES; update the table from these rows):", ""]
+        for (n, d), (_, name) in sorted(fastest.items()):
+            lines.append(f"- N {n}, density {d}: {name}; auto: {pick_backend('auto', n, torch.device('cuda'))}")
     lines.append("")
     return lines

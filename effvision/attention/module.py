@@ -9,7 +9,8 @@ import torch.nn as nn
 from timm.models.vision_transformer import Attention
 
 from ..errors import EffVisionError
-from ..kernels.block_sparse_attention import block_sparse_attention
+from .backends import BACKENDS, attend
+from .export import BlockGatherAttention
 from .policies import Grid, block_cover, policy_token_mask
 
 __all__ = ["SparseAttention", "apply_policies", "model_grid", "density_report"]
@@ -18,11 +19,14 @@ __all__ = ["SparseAttention", "apply_policies", "model_grid", "density_report"]
 class SparseAttention(Attention):
     """timm Attention whose heads attend only to their policy's kernel blocks."""
 
-    def _setup(self, policies: list[dict[str, Any]], grid: Grid, block: int) -> None:
-        self.policies, self.grid, self.block = policies, grid, block
+    def _setup(self, policies: list[dict[str, Any]], grid: Grid, block: int, backend: str = "auto") -> None:
+        self.policies, self.grid, self.block, self.backend = policies, grid, block, backend
         masks = torch.stack([block_cover(policy_token_mask(p, grid), block) for p in policies])
-        # not in the state dict: the policies (attention_policies.json) define it
+        # not in the state dict: the policies (a transform in the model spec) define it
         self.register_buffer("block_mask", masks.to(self.qkv.weight.device), persistent=False)
+        # what torch.export (ONNX) traces instead: block gather / masked dense, same outputs
+        self.export_attn = BlockGatherAttention(masks, grid.n, block).to(self.qkv.weight.device)
+        self._flex_masks: dict[str, Any] = {}
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
@@ -33,7 +37,10 @@ class SparseAttention(Attention):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                   # (B, H, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
-        x = block_sparse_attention(q, k, v, self.block_mask, block=self.block, scale=self.scale)
+        if torch.compiler.is_exporting():
+            x = self.export_attn(q, k, v, self.scale)
+        else:
+            x = attend(q, k, v, self.block_mask, self.block, self.scale, self.backend, self._flex_masks)
         x = x.transpose(1, 2).reshape(b, n, -1)
         x = self.norm(x)
         if gate is not None:
@@ -41,16 +48,22 @@ class SparseAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
-def model_grid(model: nn.Module) -> Grid:
-    """The token grid of a timm ViT (or of the ViT inside an effvision detection backbone)."""
-    vit = model
+def _vit(model: nn.Module) -> nn.Module:
+    """The timm ViT itself, or the one inside an effvision detection backbone."""
     for m in model.modules():
         if hasattr(m, "patch_embed") and hasattr(m.patch_embed, "grid_size"):
-            vit = m
-            break
-    if not hasattr(vit, "patch_embed"):
-        raise EffVisionError("sparse attention needs a ViT with a patch_embed grid")
+            return m
+    raise EffVisionError("sparse attention needs a ViT with a patch_embed grid")
+
+
+def model_grid(model: nn.Module, input_hw: tuple[int, int] | None = None) -> Grid:
+    """The token grid of a timm ViT (or of the ViT inside an effvision detection backbone) at
+    its own image size, or at ``input_hw`` (a backbone with dynamic image size)."""
+    vit = _vit(model)
     gh, gw = vit.patch_embed.grid_size
+    if input_hw is not None:
+        ph, pw = vit.patch_embed.patch_size
+        gh, gw = input_hw[0] // ph, input_hw[1] // pw
     prefix = int(getattr(vit, "num_prefix_tokens", 0))
     return Grid(prefix=prefix, h=int(gh), w=int(gw))
 
@@ -64,6 +77,17 @@ def apply_policies(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     before any swap when a layer or the head count does not match."""
     mods = attention_modules(model)
     grid = Grid(**spec["grid"])
+    backend = spec.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise EffVisionError(f"attention policies name backend '{backend}' (known: {', '.join(BACKENDS)})")
+    vit_grid = model_grid(model)
+    if grid.prefix != vit_grid.prefix:
+        raise EffVisionError(f"attention policies were profiled with {grid.prefix} special tokens; the model has "
+                             f"{vit_grid.prefix}")
+    # a fixed-size ViT runs one grid only; a dynamic-size one (detection) runs at the profiled size
+    if not getattr(_vit(model), "dynamic_img_size", False) and (grid.h, grid.w) != (vit_grid.h, vit_grid.w):
+        raise EffVisionError(f"attention policies were profiled on a {grid.h}x{grid.w} token grid; the model runs "
+                             f"{vit_grid.h}x{vit_grid.w}")
     for name, heads in spec["layers"].items():
         if name not in mods:
             raise EffVisionError(f"attention policies name layer '{name}', which is not in the model")
@@ -73,7 +97,7 @@ def apply_policies(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     for name, heads in spec["layers"].items():
         mod = mods[name]
         mod.__class__ = SparseAttention
-        mod._setup([h["policy"] for h in heads], grid, int(spec["block"]))
+        mod._setup([h["policy"] for h in heads], grid, int(spec["block"]), backend)
     return model
 
 

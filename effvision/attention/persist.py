@@ -1,35 +1,45 @@
-"""Chosen policies on disk: attention_policies.json in the model dir (like quant.json), re-applied
-by ``effvision.models.io.load_model`` before the weights load."""
+"""Chosen policies persist in the model spec (model.json) as a model transform, like token
+reduction: ``{"name": "sparse_attention", "version": 1, "grid", "block", "backend", "layers"}``.
+``create_model`` re-applies it (the Attention class swap) before the weights load, so a model
+dir stays spec + safetensors and loading never unpickles."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import dataclasses
 from typing import Any
 
+import torch.nn as nn
+
 from ..errors import EffVisionError
-from ..io import atomic_write_text
+from ..models.io import ModelSpec
+from ..models.transforms import register_transform
 
-__all__ = ["POLICY_FILE", "write_policies", "read_policies"]
+__all__ = ["TRANSFORM", "with_policies", "read_policies"]
 
-POLICY_FILE = "attention_policies.json"
+TRANSFORM = "sparse_attention"
 _VERSION = 1
 
 
-def write_policies(directory: str | Path, spec: dict[str, Any]) -> Path:
-    path = Path(directory) / POLICY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"version": _VERSION, **spec}, indent=1))
-    return path
+def with_policies(spec: ModelSpec, policies: dict[str, Any]) -> ModelSpec:
+    """A copy of ``spec`` whose transforms end with these policies (replacing earlier ones)."""
+    kept = [t for t in spec.transforms if t.get("name") != TRANSFORM]
+    return dataclasses.replace(spec, transforms=[*kept, {"name": TRANSFORM, "version": _VERSION, **policies}])
 
 
-def read_policies(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / POLICY_FILE
-    if not path.is_file():
-        return None
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EffVisionError(f"corrupt attention policies {path}: {e}") from None
-    if spec.get("version") != _VERSION:
-        raise EffVisionError(f"{path}: unsupported version {spec.get('version')} (this effvision reads {_VERSION})")
-    return spec
+def read_policies(spec: ModelSpec) -> dict[str, Any] | None:
+    for t in spec.transforms:
+        if t.get("name") == TRANSFORM:
+            return {k: v for k, v in t.items() if k not in ("name", "version")}
+    return None
+
+
+@register_transform(TRANSFORM)
+def _transform(model: nn.Module, params: dict[str, Any]) -> None:
+    from .module import apply_policies
+
+    if params.get("version") != _VERSION:
+        raise EffVisionError(f"model spec: sparse attention policies version {params.get('version')} "
+                             f"(this effvision reads {_VERSION})")
+    missing = [k for k in ("grid", "block", "layers") if k not in params]
+    if missing:
+        raise EffVisionError(f"model spec: sparse attention policies lack {', '.join(missing)}")
+    apply_policies(model, params)

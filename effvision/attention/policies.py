@@ -70,9 +70,9 @@ def block_cover(token_mask: torch.Tensor, block: int) -> torch.Tensor:
     n = token_mask.shape[-1]
     nb = -(-n // block)
     pad = nb * block - n
-    m = torch.nn.functional.pad(token_mask.float(), (0, pad, 0, pad))
-    m = m.reshape(*m.shape[:-2], nb, block, nb, block).amax(dim=(-3, -1))
-    return m > 0
+    m = token_mask.new_zeros(*token_mask.shape[:-2], nb * block, nb * block)
+    m[..., :n, :n] = token_mask
+    return m.reshape(*m.shape[:-2], nb, block, nb, block).any(-1).any(-2)
 
 
 def expand_blocks(block_mask: torch.Tensor, n: int, block: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 ``recovery`` of the head's attention mass on calibration images (FastGen's criterion)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -11,7 +12,8 @@ from timm.models.vision_transformer import Attention
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from .policies import Grid, block_cover, expand_blocks, policy_token_mask
+from .backends import BACKENDS, Backend
+from .policies import Grid, block_cover, policy_token_mask
 
 __all__ = ["SparseAttentionConfig", "attention_maps", "candidates", "choose_policies"]
 
@@ -24,12 +26,15 @@ class SparseAttentionConfig:
     strides: list[int] = field(default_factory=lambda: [2, 4])
     heavy_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25])
     calib_batches: int = 4
+    backend: Backend = "auto"               # kernel / flex / sdpa, or auto: per shape (backends.CUDA_RULES)
 
     def validate(self, where: str = "sparse_attention") -> None:
         if not 0.0 < self.recovery <= 1.0:
             raise ConfigError(f"{where}.recovery must be in (0, 1], got {self.recovery}")
         if self.block < 16 or self.block & (self.block - 1):
             raise ConfigError(f"{where}.block must be a power of two >= 16, got {self.block}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"{where}.backend must be one of {', '.join(BACKENDS)}, got '{self.backend}'")
         if self.calib_batches < 1 or any(r < 1 for r in self.radii) or any(s < 2 for s in self.strides) \
                 or any(not 0 < f < 1 for f in self.heavy_fractions):
             raise ConfigError(f"{where}: calib_batches >= 1, radii >= 1, strides >= 2, heavy_fractions in (0, 1)")
@@ -90,19 +95,27 @@ def choose_policies(maps: dict[str, torch.Tensor], grid: Grid, cfg: SparseAttent
     cover keeps >= cfg.recovery of the head's mean attention mass (ties: more mass kept)."""
     cfg.validate()
     chosen: dict[str, Any] = {}
+    covers: dict[str, torch.Tensor] = {}     # block cover per policy: the same for every head but heavy ones
     for name, a in maps.items():                                   # a: (H, N, N), rows sum to 1
         h, n, _ = a.shape
         if n != grid.n:
             raise ConfigError(f"{name}: attention over {n} tokens but the grid has {grid.n}")
+        nb = -(-n // cfg.block)
+        pad = nb * cfg.block - n
+        # mass per (query block, key block): a cover's kept mass is a sum over its blocks
+        mass = torch.nn.functional.pad(a, (0, pad, 0, pad)).reshape(h, nb, cfg.block, nb, cfg.block).sum((2, 4))
         heads = []
         for i in range(h):
             best = None
             for pol in candidates(grid, cfg, a[i].sum(0)):
-                bm = block_cover(policy_token_mask(pol, grid), cfg.block)
-                kept = (a[i] * expand_blocks(bm, n, cfg.block)).sum().item() / n
-                key = (bm.float().mean().item(), -kept)
-                if kept >= cfg.recovery - 1e-6 and (best is None or key < best[0]):
-                    best = (key, pol, kept)
+                key = json.dumps(pol, sort_keys=True)
+                if key not in covers:
+                    covers[key] = block_cover(policy_token_mask(pol, grid), cfg.block)
+                bm = covers[key]
+                kept = (mass[i] * bm).sum().item() / n
+                cost = (bm.float().mean().item(), -kept)
+                if kept >= cfg.recovery - 1e-6 and (best is None or cost < best[0]):
+                    best = (cost, pol, kept)
             assert best is not None  # "full" keeps all the mass
             heads.append({"policy": best[1], "density": best[0][0], "kept": best[2]})
         chosen[name] = heads

@@ -143,18 +143,8 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     quant = read_quant_spec(directory)
     if quant is not None:
         apply_quant_spec(model, quant)
-    _apply_attention_policies(model, directory)
     load_weights(model, weights_path, map_location)
     return model, spec
-
-
-def _apply_attention_policies(model: nn.Module, directory: Path) -> None:
-    """Sparse attention (issue 12): attention_policies.json re-swaps the Attention modules."""
-    from ..attention import apply_policies, read_policies
-
-    policies = read_policies(directory)
-    if policies is not None:
-        apply_policies(model, policies)
 
 
 def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu", prefix: str = "") -> None:

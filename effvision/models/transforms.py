@@ -14,7 +14,7 @@ __all__ = ["register_transform", "apply_transforms", "TRANSFORMS"]
 
 Transform = Callable[[nn.Module, dict[str, Any]], None]
 TRANSFORMS: dict[str, Transform] = {}
-_PROVIDERS = ("effvision.dynamic",)  # modules that register transforms on import
+_PROVIDERS = ("effvision.dynamic", "effvision.attention")  # modules that register transforms on import
 
 
 def register_transform(name: str) -> Callable[[Transform], Transform]:

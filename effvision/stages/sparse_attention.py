@@ -1,6 +1,6 @@
 """The sparse_attention stage: profile the newest model's attention on training images, choose
 per head the cheapest policy keeping ``recovery`` of its mass, swap the Attention modules,
-optionally fine-tune, and write the model with attention_policies.json; the summary reports
+optionally fine-tune, and write the model with its policies in the spec; the summary reports
 accuracy before/after and block density per layer and head."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..attention import SparseAttentionConfig, density_report, sparsify_attention_, write_policies
+from ..attention import SparseAttentionConfig, density_report, sparsify_attention_, with_policies
 from ..engine.evaluate import evaluate
 from ..errors import ConfigError
 from ..models.io import load_model, save_model
@@ -51,8 +51,7 @@ class SparseAttentionStage(Stage):
             summary["finetuned"] = evaluate(model, loaders.eval, ctx.device, "off")
         final = summary.get("finetuned", summary["sparse"])
         out = ctx.stage_dir / MODEL_DIR
-        write_policies(out, policies)   # first: a reader that sees model.json finds its policies
-        save_model(model, spec, out)
+        save_model(model, with_policies(spec, policies), out)
         return {**summary, "top1": final["top1"], "top1_drop": dense_eval["top1"] - final["top1"],
                 "recovery": cfg.recovery, "block": cfg.block, "density": density_report(policies),
                 "model": spec.name, "wall_time_s": time.perf_counter() - t0}
