@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ConfigError
+from ..data.curriculum import CurriculumConfig
 from ..tokens.config import TokenDropConfig
 from .optim import OptimizerConfig
 
@@ -40,6 +41,7 @@ class TrainConfig:
     log_every: int = 20                    # steps between metrics.jsonl records (and NaN checks)
     budget_s: float | None = None          # train for this many seconds of training time (LR keyed to the clock)
     token_drop: TokenDropConfig | None = None  # random-LTD (effvision.tokens)
+    curriculum: CurriculumConfig | None = None  # curriculum learning (effvision.data.curriculum)
 
     def validate(self, where: str) -> None:
         if self.epochs <= 0:
@@ -65,3 +67,5 @@ class TrainConfig:
             raise ConfigError(f"{where}.budget_s must be positive (seconds of training time)")
         if self.token_drop is not None:
             self.token_drop.validate(f"{where}.token_drop")
+        if self.curriculum is not None:
+            self.curriculum.validate(f"{where}.curriculum")

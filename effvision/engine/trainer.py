@@ -67,6 +67,8 @@ class Trainer:
         # checkpoints excluded; budget_s keys the LR schedule to it and stops training at it.
         self.timer = timer
         self.budget_used = self.eval_time = self.checkpoint_time = 0.0
+        if cfg.budget_s is not None:  # the features' schedules (tokens, curriculum) run on the budget clock too
+            self.hooks.budget_position = lambda _step: min(self.budget_used / cfg.budget_s, 1.0) * self.total_steps
 
         self.model = model.to(device)
         if cfg.channels_last:
@@ -325,8 +327,8 @@ class Trainer:
     def schedule_position(self, global_step: int) -> float | int:
         """The one schedule clock: what the LR schedule sees, in [0, total_steps]. Steps by
         default; the fraction of budget_s spent; or the hooks' clock (layer-tokens consumed)."""
-        if self.cfg.budget_s is not None:
-            return min(self.budget_used / self.cfg.budget_s, 1.0) * self.total_steps
+        if self.hooks.budget_position is not None:
+            return self.hooks.budget_position(global_step)
         if self.hooks.schedule_clock is not None:
             return self.hooks.schedule_clock(global_step, self.total_steps)
         return global_step
