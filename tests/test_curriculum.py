@@ -15,7 +15,7 @@ import effvision.models  # noqa: F401  (registers vit_*_patch4_32)
 from conftest import cli, tiny_recipe
 from test_resume import _start_and_kill
 from effvision.data import AugmentConfig, DataConfig, build_loaders
-from effvision.data.curriculum import CurriculumConfig, apply_curriculum, pacing, resolutions
+from effvision.data.curriculum import BatchRampConfig, CurriculumConfig, apply_curriculum, pacing, resolutions
 from effvision.engine import Hooks, SchedulerConfig, TrainConfig, Trainer
 from effvision.errors import ConfigError
 from effvision.models.io import ModelSpec, save_model
@@ -129,24 +129,27 @@ def test_loss_curriculum_easiest_first_from_both_loaders(tmp_path: Path) -> None
     assert len(list((tmp_path / "cache").glob("loss-*.safetensors"))) == 2  # one per training set, cached
 
 
-def test_budget_clock_paces_tokens_and_curriculum(tmp_path: Path) -> None:
-    """Under budget_s the kept tokens and the resolution follow the spent budget (injected clock)."""
+def test_budget_clock_paces_tokens_curriculum_and_batch_ramp(tmp_path: Path) -> None:
+    """Under budget_s the kept tokens, the resolution and the batch follow the spent budget (injected clock)."""
     from test_token_drop import _FakeClock
 
     model = timm.create_model("vit_micro_patch4_32", depth=3)
     hooks = Hooks()
     apply_token_drop(model, TokenDropConfig(start_tokens=16, buckets=4), hooks, seed=0)
     loaders = apply_curriculum(model, _loaders(), CurriculumConfig(start=0.5), hooks, spec=_spec(), epochs=100,
-                               seed=0, device=CPU, cache_dir=tmp_path)
-    seen: list[tuple[int, int]] = []
-    hooks.loss_terms.append(lambda m, x, y, logits: seen.append((x.shape[-1], m.blocks[1]._ltd.keep)) or {})
+                               seed=0, device=CPU, cache_dir=tmp_path, batch_ramp=BatchRampConfig(start=0.25))
+    seen: list[tuple[int, int, int]] = []
+    hooks.loss_terms.append(lambda m, x, y, logits: seen.append((x.shape[-1], m.blocks[1]._ltd.keep, len(y))) or {})
     cfg = TrainConfig(epochs=100, budget_s=3.0, eval_every=0, scheduler=SchedulerConfig(name="onecycle"))
-    Trainer(model, cfg, loaders, device=CPU, out_dir=tmp_path / "t", num_classes=10, progress=False, hooks=hooks,
-            timer=_FakeClock()).fit()
-    # 0.5 s a step, 6 steps; both schedules reach full at half the budget (their default horizon),
-    # though `epochs` (400 steps) is only an upper bound. Tokens are counted at the 32 px grid size.
-    assert [s for s, _ in seen] == [16, 20, 24, 32, 32, 32]
-    assert [k for _, k in seen] == [16, 16, 32, 64, 64, 64]  # MSLG levels at positions 0, 67, 133, 200 of 200
+    trainer = Trainer(model, cfg, loaders, device=CPU, out_dir=tmp_path / "t", num_classes=10, progress=False,
+                      hooks=hooks, timer=_FakeClock())
+    trainer.fit()
+    # 0.5 s a step, 6 steps at positions 0, 67, 133, 200, ... of 400; every schedule is full at half the
+    # budget (its default horizon), though `epochs` (400 steps) is only an upper bound.
+    assert [s for s, _, _ in seen] == [16, 20, 24, 32, 32, 32]
+    assert [k for _, k, _ in seen] == [16, 16, 32, 64, 64, 64]  # MSLG levels (counted on the 32 px grid)
+    assert [b for _, _, b in seen] == [16, 16, 32, 64, 64, 64]  # the batch ramp, 16 -> 64
+    assert trainer.images_seen == 16 + 16 + 32 + 64 + 64 + 64  # throughput counts the ramped batches
 
 
 def _recipe(**train: object) -> dict:
@@ -164,6 +167,7 @@ def test_bad_input_is_one_line_before_training(tmp_path: Path) -> None:
         ({"curriculum": {"size_step": 6}}, "stages[0].curriculum.size_step 6"),
         ({"budget_s": 0}, "stages[0].budget_s must be positive"),
         ({"budget_s": -5}, "stages[0].budget_s must be positive"),
+        ({"batch_ramp": {"start": 0}}, "stages[0].batch_ramp.start"),
     ]
     for train, message in cases:
         with pytest.raises(ConfigError, match=r"^" + message.replace("[", r"\[").replace("]", r"\]")):
@@ -172,9 +176,10 @@ def test_bad_input_is_one_line_before_training(tmp_path: Path) -> None:
     cnn["model"] = {"name": "resnet10t"}
     with pytest.raises(ConfigError, match=r"stages\[0\].token_drop: ResNet has no transformer blocks"):
         preflight(parse_recipe(cnn))
-    # After a stage that changes the architecture, the check waits for the stage's own start.
+    # After a stage that changes the architecture (growth to 6 blocks), block 5 exists: the check
+    # waits for the stage's own start.
     grown = _recipe(token_drop={"layers": [5]})
-    grown["stages"].insert(0, {"type": "prune", "ratio": 0.25})
+    grown["stages"][:0] = [{"type": "train", "epochs": 1}, {"type": "grow", "depth": 6}]
     preflight(parse_recipe(grown))
     # From the CLI: exit code 2, one line naming the key, nothing written.
     path = tiny_recipe(tmp_path / "r.yaml", train={"token_drop": {"layers": [9]}})
@@ -186,7 +191,7 @@ def test_bad_input_is_one_line_before_training(tmp_path: Path) -> None:
 def test_loss_curriculum_recipe_is_resume_exact(tmp_path: Path) -> None:
     """SIGKILL + --resume under a loss curriculum ends bit-identical; scores are computed once."""
     ref = _reference(tmp_path)
-    train = {"epochs": 3, "checkpoint_every": 3, "log_every": 2, "eval_every": 0,
+    train = {"epochs": 2, "checkpoint_every": 3, "log_every": 2, "eval_every": 0,
              "curriculum": {"metric": "loss", "reference": str(ref), "start": 0.3, "pacing": "root"}}
     recipe = tiny_recipe(tmp_path / "r.yaml", train=train, model={"name": "vit_micro_patch4_32",
                                                                    "kwargs": {"depth": 2}}, data=DATA)

@@ -10,6 +10,10 @@ Two difficulty metrics, one ``curriculum:`` block of a train/finetune stage:
   un-augmented training image, computed once and cached in the run dir. Each batch is drawn
   from the easiest ``start`` .. 1 fraction of the training set (the pool grows by the pacing).
 
+``batch_ramp:`` (Cramming-style, mostly with ``budget_s``): each step trains on the first
+``start`` .. 1 fraction of its batch, growing in ``buckets`` sizes; small batches early buy
+more updates per second while the loss falls fast.
+
 Pacing (``linear``, ``root``, ``discrete``) maps the schedule position to a fraction of the
 way from ``start`` to full difficulty over ``steps`` (0: the first half of the run). The
 position is the step, or under ``budget_s`` the spent budget (the trainer's clock). Every
@@ -37,8 +41,8 @@ if TYPE_CHECKING:
     from ..models.io import ModelSpec
     from .build import Loaders
 
-__all__ = ["CurriculumConfig", "CurriculumLoader", "apply_curriculum", "check_curriculum", "pacing",
-           "reference_model_dir", "resolutions"]
+__all__ = ["BatchRampConfig", "CurriculumConfig", "CurriculumLoader", "apply_curriculum", "check_curriculum",
+           "pacing", "ramp_batch", "reference_model_dir", "resolutions"]
 
 
 @dataclass
@@ -67,6 +71,34 @@ class CurriculumConfig:
             raise ConfigError(f"{where}.reference: metric 'loss' needs a reference model (a run dir or a model dir)")
         if self.metric == "resolution" and self.reference:
             raise ConfigError(f"{where}.reference is only used by metric 'loss'")
+
+
+@dataclass
+class BatchRampConfig:
+    start: float = 0.25              # the first steps' batch: this fraction of data.batch_size
+    steps: int = 0                   # steps to the full batch (0: the first half of the run, or of budget_s)
+    buckets: int = 4                 # distinct batch sizes, start .. full (torch.compile: one graph each)
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.start <= 1:
+            raise ConfigError(f"{where}.start must be in (0, 1] (a fraction of data.batch_size)")
+        if self.steps < 0:
+            raise ConfigError(f"{where}.steps must be non-negative")
+        if not 2 <= self.buckets <= 16:
+            raise ConfigError(f"{where}.buckets must be in [2, 16]")
+
+
+def ramp_batch(cfg: BatchRampConfig, position: float, total_steps: int, batch: int, world_size: int = 1) -> int:
+    """The global batch at schedule ``position``: ``buckets`` sizes from start x batch to batch
+    (MSLG-style steps, as random-LTD's token counts), multiples of 8 x ``world_size`` (even
+    per-rank batches for timm's Mixup, tensor-core friendly) where the batch allows."""
+    horizon = cfg.steps or max(total_steps // 2, 1)
+    t = min(max(position / horizon, 0.0), 1.0)
+    if t >= 1.0:
+        return batch
+    frac = cfg.start + math.floor(t * (cfg.buckets - 1)) / (cfg.buckets - 1) * (1 - cfg.start)
+    unit = min(8 * world_size, batch)
+    return max(unit, int(frac * batch) // unit * unit)
 
 
 def pacing(cfg: CurriculumConfig, position: float, total_steps: int) -> float:
@@ -181,16 +213,19 @@ def _cached_scores(cfg: CurriculumConfig, loader: Any, student: "ModelSpec", dev
 
 
 class CurriculumLoader:
-    """A training loader under a curriculum: same interface (``len``, ``batch_size``,
-    ``num_samples``, ``epoch``). ``order`` (loss metric): sample indices, easiest first;
-    ``sizes`` (resolution metric): the batch is resized to the paced size."""
+    """A training loader under a curriculum and/or a batch ramp: same interface (``len``,
+    ``batch_size``, ``num_samples``, ``epoch``). ``order`` (loss metric): sample indices,
+    easiest first; ``img_size`` (resolution metric): batches are resized to the paced size;
+    ``ramp``: each step trains on the first ramp_batch(...) samples of the batch."""
 
-    def __init__(self, inner: Any, cfg: CurriculumConfig, total_steps: int, seed: int,
+    def __init__(self, inner: Any, cfg: CurriculumConfig | None, total_steps: int, seed: int,
                  position: Callable[[int], float], *, order: torch.Tensor | None = None,
-                 img_size: int = 0, size_step: int = 0) -> None:
+                 img_size: int = 0, size_step: int = 0, ramp: BatchRampConfig | None = None,
+                 world_size: int = 1) -> None:
         self.inner, self.cfg, self.total_steps, self.seed = inner, cfg, total_steps, seed
         self.position, self.order = position, order
         self.img_size, self.size_step = img_size, size_step
+        self.ramp, self.world_size = ramp, world_size
         if order is not None:
             inner.batch_indices = self._batch_indices
 
@@ -205,8 +240,12 @@ class CurriculumLoader:
     def num_samples(self) -> int:
         return self.inner.num_samples
 
+    def _position(self, epoch: int, step: int) -> float:
+        return self.position(epoch * len(self.inner) + step)
+
     def difficulty(self, epoch: int, step: int) -> float:
-        return pacing(self.cfg, self.position(epoch * len(self.inner) + step), self.total_steps)
+        assert self.cfg is not None
+        return pacing(self.cfg, self._position(epoch, step), self.total_steps)
 
     def _batch_indices(self, epoch: int, step: int) -> torch.Tensor:
         """(B,) the global batch: without replacement from the easiest ``pool`` samples."""
@@ -221,12 +260,16 @@ class CurriculumLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step, (x, y) in enumerate(self.inner.epoch(epoch, start_step), start=start_step):
-            if self.cfg.metric == "resolution":
+            if self.ramp is not None:  # this rank's share of the ramped global batch
+                keep = ramp_batch(self.ramp, self._position(epoch, step), self.total_steps, self.batch_size,
+                                  self.world_size) // self.world_size
+                x, y = x[:keep], y[:keep]
+            if self.cfg is not None and self.cfg.metric == "resolution":
                 s = self.size(epoch, step)
                 if s != x.shape[-1]:
                     # antialias: downsizing without aliasing, as a resized JPEG would look.
                     x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-            yield x, y  # x: (B, C, s, s)
+            yield x, y  # x: (b, C, s, s)
 
 
 def _enable_dynamic_size(model: nn.Module) -> None:
@@ -244,31 +287,35 @@ def _enable_dynamic_size(model: nn.Module) -> None:
 
 def apply_curriculum(model: nn.Module, loaders: "Loaders", cfg: CurriculumConfig | None, hooks: "Hooks", *,
                      spec: "ModelSpec", epochs: int, seed: int, device: torch.device, cache_dir: Path,
-                     dist: "DistInfo | None" = None, where: str = "curriculum") -> "Loaders":
-    """``loaders`` with the training loader under the curriculum (a no-op for ``cfg`` None).
-    Resolution: the model's dynamic input size is switched on in place. The pacing follows
-    ``hooks.budget_position`` when the trainer sets one (budget_s), else the step."""
-    if cfg is None:
+                     dist: "DistInfo | None" = None, batch_ramp: BatchRampConfig | None = None,
+                     where: str = "curriculum") -> "Loaders":
+    """``loaders`` with the training loader under the curriculum and the batch ramp (unchanged
+    when both are None). Resolution: the model's dynamic input size is switched on in place.
+    The pacing follows ``hooks.budget_position`` when the trainer sets one (budget_s), else the step."""
+    if cfg is None and batch_ramp is None:
         return loaders
     from dataclasses import replace
 
-    img_size = loaders.info.img_size
-    check_curriculum(model, cfg, img_size, where)
+    img_size, world = loaders.info.img_size, dist.world_size if dist is not None else 1
     total = epochs * len(loaders.train)
 
     def position(global_step: int) -> float:
         return hooks.budget_position(global_step) if hooks.budget_position is not None else global_step
 
-    if cfg.metric == "resolution":
-        step = _size_step(cfg, model)
+    kw: dict[str, Any] = {"ramp": batch_ramp, "world_size": world}
+    if cfg is not None and cfg.metric == "resolution":
+        check_curriculum(model, cfg, img_size, where)
+        kw.update(img_size=img_size, size_step=_size_step(cfg, model))
         _enable_dynamic_size(model)
-        sizes = resolutions(cfg, img_size, step)
-        train = CurriculumLoader(loaders.train, cfg, total, seed, position, img_size=img_size, size_step=step)
+        sizes = resolutions(cfg, img_size, kw["size_step"])
         print(f"curriculum: resolution {sizes[0]}..{img_size} ({cfg.pacing}); {len(sizes)} distinct sizes {sizes}")
-    else:
+    elif cfg is not None:
         scores = _cached_scores(cfg, loaders.train, spec, device, cache_dir, dist, where)
-        order = torch.argsort(scores, stable=True)  # easiest first
-        train = CurriculumLoader(loaders.train, cfg, total, seed, position, order=order)
+        kw["order"] = torch.argsort(scores, stable=True)  # easiest first
         print(f"curriculum: loss under {cfg.reference} ({cfg.pacing}); pool {cfg.start:.0%}..100% of "
-              f"{len(order)} samples, easiest first")
-    return replace(loaders, train=train)
+              f"{len(scores)} samples, easiest first")
+    if batch_ramp is not None:
+        b = loaders.train.batch_size
+        sizes = sorted({ramp_batch(batch_ramp, p, total, b, world) for p in range(0, total + 1)})
+        print(f"batch_ramp: global batch {sizes[0]}..{b}; {len(sizes)} distinct sizes {sizes}")
+    return replace(loaders, train=CurriculumLoader(loaders.train, cfg, total, seed, position, **kw))

@@ -105,6 +105,7 @@ class Trainer:
         if cfg.compile:
             self.train_module = torch.compile(self.train_module)
         self.train_time, self.images_seen = 0.0, 0  # completed epochs, carried across resumes
+        self.epoch_images = 0  # images trained on in the current epoch's steps
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints")
         self.metrics_path = self.out_dir / "metrics.jsonl"
         if self.dist.is_main:
@@ -201,8 +202,7 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 epoch_time = time.perf_counter() - t0
                 self.train_time += epoch_time
-                done = pos.step - start_step if self.budget_spent() else self.steps_per_epoch - start_step
-                self.images_seen += done * self.loaders.train.batch_size
+                self.images_seen += self.epoch_images  # this attempt's steps of the epoch (batch_ramp: smaller)
                 last = epoch + 1 == self.cfg.epochs or self.budget_spent()
                 if pos.step == self.steps_per_epoch:  # else the budget stopped it mid-epoch
                     pos = TrainPosition(epoch + 1, 0, pos.global_step)
@@ -239,6 +239,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         window_start, window_images, window_steps = time.perf_counter(), 0, 0
         tick = self.timer()
+        self.epoch_images = 0
         for step, (x, y) in enumerate(self.loaders.train.epoch(epoch, start_step), start=start_step):
             loss = self._train_step(x, y, epoch, step, pos.global_step)
             if self.cfg.budget_s is not None:
@@ -251,6 +252,7 @@ class Trainer:
             loss_sum += loss.detach()
             pos = TrainPosition(epoch, step + 1, pos.global_step + 1)
             window_images += len(y) * self.dist.world_size
+            self.epoch_images += len(y) * self.dist.world_size
             window_steps += 1
             bar.update(1)
             if pos.global_step % self.cfg.log_every == 0 or step + 1 == self.steps_per_epoch:

@@ -87,7 +87,8 @@ class FinetuneStage(Stage):
                          where=f"stages[{ctx.index - 1}].token_drop")  # the student
         loaders = apply_curriculum(model, loaders, cfg.curriculum, hooks, spec=spec, epochs=cfg.epochs,
                                    seed=recipe.seed, device=ctx.device, cache_dir=ctx.run_dir / "curriculum",
-                                   dist=ctx.dist, where=f"stages[{ctx.index - 1}].curriculum")
+                                   dist=ctx.dist, batch_ramp=cfg.batch_ramp,
+                                   where=f"stages[{ctx.index - 1}].curriculum")
         trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
                           augment=recipe.data.augment, hooks=hooks)
