@@ -119,10 +119,10 @@ def _size(difficulty: float, img_size: int, step: int) -> int:
 def resolutions(cfg: CurriculumConfig, img_size: int, step: int) -> list[int]:
     """Every size the pacing can ask for: torch.compile sees at most this many shapes."""
     if cfg.pacing == "discrete":
-        fracs = [k / (cfg.levels - 1) for k in range(cfg.levels)]
-    else:
-        fracs = [k / 1000 for k in range(1001)]
-    return sorted({_size(cfg.start + f * (1 - cfg.start), img_size, step) for f in fracs})
+        return sorted({_size(cfg.start + k / (cfg.levels - 1) * (1 - cfg.start), img_size, step)
+                       for k in range(cfg.levels)})
+    # Continuous pacing passes every multiple of ``step`` between the first size and the full one.
+    return sorted(set(range(_size(cfg.start, img_size, step), img_size, step)) | {img_size})
 
 
 def _patch_size(model: nn.Module) -> int | None:
@@ -150,7 +150,7 @@ def check_curriculum(model: nn.Module, cfg: CurriculumConfig, img_size: int, whe
     step = _size_step(cfg, model)
     if patch is not None and step % patch:
         raise ConfigError(f"{where}.size_step {step} is not a multiple of the model's patch size {patch}")
-    if _size(cfg.start, img_size, step) > img_size or step > img_size:
+    if step > img_size:
         raise ConfigError(f"{where}.size_step {step} is larger than data.img_size {img_size}")
 
 

@@ -21,7 +21,7 @@ from .common import build_recipe_loaders, build_recipe_model, recipe_spec
 __all__ = ["TrainStage", "preflight_training"]
 
 # Stages that keep the model's architecture: after only these, the recipe's model is the one trained.
-_SAME_ARCHITECTURE = {"train", "finetune", "evaluate", "bench", "export"}
+_SAME_ARCHITECTURE = {"train", "finetune", "eval", "bench", "export"}
 
 
 def _recipe_model_skeleton(recipe: Any) -> nn.Module:
