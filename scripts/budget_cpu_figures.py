@@ -4,7 +4,7 @@ curriculum (difficulty = loss under the same budget's dense model) and the batch
 for ``budget_s`` seconds of training; test top-1 and accuracy against training wall-clock
 (budget_cpu.png and budget_cpu.json in --out).
 
-    .venv/bin/python scripts/budget_cpu_figures.py --out runs/budget_cpu [--budgets 20 40]
+    .venv/bin/python scripts/budget_cpu_figures.py --out runs/budget_cpu [--budgets 60] [--threads 1]
 """
 from __future__ import annotations
 
@@ -52,12 +52,14 @@ def _run(out: Path, label: str, recipe: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/budget_cpu")
-    p.add_argument("--budgets", type=float, nargs="+", default=[20.0, 40.0])
+    p.add_argument("--budgets", type=float, nargs="+", default=[60.0])
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(Path("recipes/quickstart.yaml").read_text())
     base["stages"] = base["stages"][:1]
+    base["threads"] = args.threads or None
     base["stages"][0].update(epochs=200, eval_every=2)  # epochs: an upper bound, the budget stops training
     rows = []
     for budget in args.budgets:
