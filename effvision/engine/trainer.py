@@ -208,7 +208,9 @@ class Trainer:
                     pos = TrainPosition(epoch + 1, 0, pos.global_step)
                 t_eval = self.timer()
                 if last or (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0):
-                    metrics = {**self._evaluate(), "epoch": epoch, "epoch_time_s": epoch_time}
+                    # train_time_s: the training clock so far (accuracy-vs-time curves with eval_every > 1)
+                    metrics = {**self._evaluate(), "epoch": epoch, "epoch_time_s": epoch_time,
+                               "train_time_s": self.train_time}
                     if self.dist.is_main:
                         append_jsonl(self.metrics_path, {"eval": True, **metrics})
                         bar.write(f"epoch {epoch}: top1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  "

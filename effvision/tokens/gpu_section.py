@@ -58,12 +58,11 @@ def _run(args: argparse.Namespace, label: str, recipe: dict[str, Any]) -> dict[s
     if not summary.is_file():
         return {**row, "error": f"exit {proc.returncode}"}
     s = json.loads(summary.read_text())
-    curve, clock = [], 0.0
+    curve = []
     for line in (run_dir / "01-train" / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r.get("eval"):
-            clock += r["epoch_time_s"]
-            curve.append((clock, r["top1"]))
+            curve.append((r["train_time_s"], r["top1"]))  # the training clock at this evaluation
     row.update(top1=s.get("top1"), train_time_s=s.get("train_time_s"), train_img_per_s=s.get("train_img_per_s"),
                budget_s=s.get("budget_s"), steps_done=s.get("steps_done"), curve=curve)
     print(f"  token_drop {label}: {row['top1']}% in {row['train_time_s']} s", flush=True)
