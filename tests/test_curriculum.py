@@ -127,6 +127,13 @@ def test_loss_curriculum_easiest_first_from_both_loaders(tmp_path: Path) -> None
         again = list(train.epoch(1, 2))
         assert all(torch.equal(a[1], c[1]) for a, c in zip(again, batches[len(train) + 2:]))
     assert len(list((tmp_path / "cache").glob("loss-*.safetensors"))) == 2  # one per training set, cached
+    # A reference trained on other classes is refused, naming the key.
+    spec = ModelSpec(name="vit_micro_patch4_32", num_classes=5, img_size=32, kwargs={"depth": 2})
+    save_model(timm.create_model(spec.name, num_classes=5, depth=2), spec, tmp_path / "ref5")
+    with pytest.raises(ConfigError, match=r"curriculum.reference .* predicts 5 classes"):
+        apply_curriculum(timm.create_model("vit_micro_patch4_32", depth=2), _loaders(),
+                         CurriculumConfig(metric="loss", reference=str(tmp_path / "ref5")), Hooks(), spec=_spec(),
+                         epochs=1, seed=0, device=CPU, cache_dir=tmp_path / "cache")
 
 
 def test_budget_clock_paces_tokens_curriculum_and_batch_ramp(tmp_path: Path) -> None:

@@ -173,13 +173,15 @@ def reference_model_dir(ref: str, where: str = "curriculum") -> Path:
 
 @torch.no_grad()
 def loss_scores(reference: Path, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], student: "ModelSpec",
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, where: str = "curriculum") -> torch.Tensor:
     """(N,) per-sample cross-entropy of the reference model, in the training set's index order."""
-    from ..compress.teacher import TeacherInput, check_classes
+    from ..compress.teacher import TeacherInput
     from ..models.io import load_model
 
     model, spec = load_model(reference)
-    check_classes(spec, student)
+    if spec.num_classes != student.num_classes:
+        raise ConfigError(f"{where}.reference {reference} predicts {spec.num_classes} classes, the data has "
+                          f"{student.num_classes}: it must be trained on the same classes")
     model = model.to(device).eval()
     adapt = TeacherInput(student, spec).to(device)  # the student's normalization and size -> the reference's
     out = [F.cross_entropy(model(adapt(x)).float(), y.to(device), reduction="none").cpu() for x, y in batches]
@@ -202,7 +204,7 @@ def _cached_scores(cfg: CurriculumConfig, loader: Any, student: "ModelSpec", dev
     h.update(loader.labels_in_order().numpy().tobytes())
     path = cache_dir / f"loss-{h.hexdigest()[:16]}.safetensors"
     if not path.is_file() and (dist is None or dist.is_main):
-        scores = loss_scores(ref, loader.in_order(), student, device)
+        scores = loss_scores(ref, loader.in_order(), student, device, where)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({"loss": scores}, str(tmp), metadata={"reference": str(ref)})
