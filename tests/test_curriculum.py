@@ -70,7 +70,7 @@ def test_resolution_curriculum_trains_vit_and_serves_cnn(tmp_path: Path) -> None
     hooks = Hooks()
     cur = CurriculumConfig(metric="resolution", start=0.5, pacing="discrete", levels=3, steps=4)
     loaders = apply_curriculum(model, loaders, cur, hooks, spec=_spec(), epochs=2, seed=0, device=CPU,
-                               cache_dir=tmp_path / "curriculum")
+                               run_dir=tmp_path)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), before(x))  # dynamic size is exact at the trained size
@@ -84,7 +84,7 @@ def test_resolution_curriculum_trains_vit_and_serves_cnn(tmp_path: Path) -> None
     for name in ("convvit_tiny_32", "resnet10t"):
         m = timm.create_model(name, num_classes=10)
         small = apply_curriculum(m, _loaders(), cur, Hooks(), spec=_spec(name), epochs=2, seed=0, device=CPU,
-                                 cache_dir=tmp_path)
+                                 run_dir=tmp_path)
         xb, _ = next(small.train.epoch(0))
         assert xb.shape[-1] == 16 and m(xb).shape == (64, 10)
 
@@ -109,7 +109,7 @@ def test_loss_curriculum_easiest_first_from_both_loaders(tmp_path: Path) -> None
                               eval_split="test", batch_size=32)):
         base = _loaders(**data)
         loaders = apply_curriculum(timm.create_model("vit_micro_patch4_32", depth=2), base, cur, Hooks(),
-                                   spec=_spec(), epochs=2, seed=0, device=CPU, cache_dir=tmp_path / "cache")
+                                   spec=_spec(), epochs=2, seed=0, device=CPU, run_dir=tmp_path / "cache")
         train = loaders.train
         order, n, b = train.order, len(train.order), train.batch_size
         labels = train.inner.labels_in_order()
@@ -126,14 +126,15 @@ def test_loss_curriculum_easiest_first_from_both_loaders(tmp_path: Path) -> None
         # A resumed epoch (start_step 2) serves the batches an uninterrupted one does.
         again = list(train.epoch(1, 2))
         assert all(torch.equal(a[1], c[1]) for a, c in zip(again, batches[len(train) + 2:]))
-    assert len(list((tmp_path / "cache").glob("loss-*.safetensors"))) == 2  # one per training set, cached
+    # Cached in the run dir, one file per training set.
+    assert len(list((tmp_path / "cache" / "curriculum").glob("loss-*.safetensors"))) == 2
     # A reference trained on other classes is refused, naming the key.
     spec = ModelSpec(name="vit_micro_patch4_32", num_classes=5, img_size=32, kwargs={"depth": 2})
     save_model(timm.create_model(spec.name, num_classes=5, depth=2), spec, tmp_path / "ref5")
     with pytest.raises(ConfigError, match=r"curriculum.reference .* predicts 5 classes"):
         apply_curriculum(timm.create_model("vit_micro_patch4_32", depth=2), _loaders(),
                          CurriculumConfig(metric="loss", reference=str(tmp_path / "ref5")), Hooks(), spec=_spec(),
-                         epochs=1, seed=0, device=CPU, cache_dir=tmp_path / "cache")
+                         epochs=1, seed=0, device=CPU, run_dir=tmp_path / "cache")
 
 
 def test_budget_clock_paces_tokens_curriculum_and_batch_ramp(tmp_path: Path) -> None:
@@ -144,7 +145,7 @@ def test_budget_clock_paces_tokens_curriculum_and_batch_ramp(tmp_path: Path) -> 
     hooks = Hooks()
     apply_token_drop(model, TokenDropConfig(start_tokens=16, buckets=4), hooks, seed=0)
     loaders = apply_curriculum(model, _loaders(), CurriculumConfig(start=0.5), hooks, spec=_spec(), epochs=100,
-                               seed=0, device=CPU, cache_dir=tmp_path, batch_ramp=BatchRampConfig(start=0.25))
+                               seed=0, device=CPU, run_dir=tmp_path, batch_ramp=BatchRampConfig(start=0.25))
     seen: list[tuple[int, int, int]] = []
     hooks.loss_terms.append(lambda m, x, y, logits: seen.append((x.shape[-1], m.blocks[1]._ltd.keep, len(y))) or {})
     cfg = TrainConfig(epochs=100, budget_s=3.0, eval_every=0, scheduler=SchedulerConfig(name="onecycle"))
@@ -171,6 +172,8 @@ def test_bad_input_is_one_line_before_training(tmp_path: Path) -> None:
         ({"token_drop": {"start_tokens": 0}}, "stages[0].token_drop.start_tokens must be at least 1"),
         ({"curriculum": {"metric": "loss", "reference": str(tmp_path / "nope")}}, "stages[0].curriculum.reference"),
         ({"curriculum": {"metric": "loss"}}, "stages[0].curriculum.reference"),
+        ({"curriculum": {"metric": "loss", "reference": "01-train"}},
+         "stages[0].curriculum.reference '01-train' is not an earlier stage"),
         ({"curriculum": {"size_step": 6}}, "stages[0].curriculum.size_step 6"),
         ({"budget_s": 0}, "stages[0].budget_s must be positive"),
         ({"budget_s": -5}, "stages[0].budget_s must be positive"),

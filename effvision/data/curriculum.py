@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from .build import Loaders
 
 __all__ = ["BatchRampConfig", "CurriculumConfig", "CurriculumLoader", "apply_curriculum", "check_curriculum",
-           "pacing", "ramp_batch", "reference_model_dir", "resolutions"]
+           "check_reference", "pacing", "ramp_batch", "reference_model_dir", "resolutions"]
 
 
 @dataclass
@@ -54,7 +55,7 @@ class CurriculumConfig:
     root_degree: float = 2.0         # root pacing: fraction = (t / steps) ** (1 / root_degree)
     levels: int = 4                  # discrete pacing: distinct difficulty levels, start .. full
     size_step: int = 0               # resolution: sizes are multiples of it (0: the patch size; 8 for CNNs)
-    reference: str | None = None     # loss: the reference model (a run dir, a stage dir or a model dir)
+    reference: str | None = None     # loss: the reference model ("01-train" of this run, a run, stage or model dir)
 
     def validate(self, where: str) -> None:
         if not 0 < self.start <= 1:
@@ -154,12 +155,16 @@ def check_curriculum(model: nn.Module, cfg: CurriculumConfig, img_size: int, whe
         raise ConfigError(f"{where}.size_step {step} is larger than data.img_size {img_size}")
 
 
-def reference_model_dir(ref: str, where: str = "curriculum") -> Path:
-    """The model directory a ``reference`` names: a model dir, a stage dir, or a run dir (newest model)."""
+_STAGE = re.compile(r"^\d\d-[a-z_]+$")  # "01-train": a stage of this run
+
+
+def reference_model_dir(ref: str, where: str = "curriculum", run_dir: Path | None = None) -> Path:
+    """The model directory a ``reference`` names: a stage of this run ("01-train"), a model dir,
+    a stage dir, or a run dir (its newest model)."""
     from ..models.io import SPEC_FILE
     from ..stages.base import MODEL_DIR, stage_dirs
 
-    path = Path(ref)
+    path = Path(run_dir) / ref if run_dir is not None and _STAGE.match(ref) else Path(ref)
     if (path / SPEC_FILE).is_file():
         return path
     if (path / MODEL_DIR / SPEC_FILE).is_file():
@@ -167,8 +172,19 @@ def reference_model_dir(ref: str, where: str = "curriculum") -> Path:
     for d in stage_dirs(path):
         if (d / MODEL_DIR / SPEC_FILE).is_file():
             return d / MODEL_DIR
-    raise ConfigError(f"{where}.reference '{ref}': no trained model there (expected a model dir with {SPEC_FILE}, "
-                      f"a stage dir, or a run dir with a finished train stage)")
+    raise ConfigError(f"{where}.reference '{ref}': no trained model there (expected an earlier stage of this "
+                      f"run such as '01-train', a model dir with {SPEC_FILE}, a stage dir, or a run dir)")
+
+
+def check_reference(ref: str, stage_types: list[str], index: int, where: str = "curriculum") -> None:
+    """Before the run: a stage reference must name an earlier stage of the recipe; a path must hold a model."""
+    if _STAGE.match(ref):
+        pos, kind = int(ref[:2]), ref[3:]
+        if not 1 <= pos < index or stage_types[pos - 1] != kind:
+            raise ConfigError(f"{where}.reference '{ref}' is not an earlier stage of this recipe (stages: "
+                              f"{', '.join(f'{i:02d}-{t}' for i, t in enumerate(stage_types, 1))})")
+        return
+    reference_model_dir(ref, where)
 
 
 @torch.no_grad()
@@ -189,14 +205,15 @@ def loss_scores(reference: Path, batches: Iterator[tuple[torch.Tensor, torch.Ten
 
 
 def _cached_scores(cfg: CurriculumConfig, loader: Any, student: "ModelSpec", device: torch.device,
-                   cache_dir: Path, dist: "DistInfo | None", where: str) -> torch.Tensor:
-    """Scores from ``cache_dir`` when the reference weights and the training set match, else computed
-    (by rank 0) and cached. The key hashes the reference's files and the training labels."""
+                   run_dir: Path, dist: "DistInfo | None", where: str) -> torch.Tensor:
+    """Scores from ``run_dir/curriculum`` when the reference weights and the training set match, else
+    computed (by rank 0) and cached there. The key hashes the reference's files and the training labels."""
     from safetensors.torch import load_file, save_file
 
     from ..engine.distributed import barrier
 
-    ref = reference_model_dir(cfg.reference or "", where)
+    ref = reference_model_dir(cfg.reference or "", where, run_dir)
+    cache_dir = Path(run_dir) / "curriculum"
     h = hashlib.sha256()
     for f in sorted(ref.iterdir()):
         if f.is_file():
@@ -288,7 +305,7 @@ def _enable_dynamic_size(model: nn.Module) -> None:
 
 
 def apply_curriculum(model: nn.Module, loaders: "Loaders", cfg: CurriculumConfig | None, hooks: "Hooks", *,
-                     spec: "ModelSpec", epochs: int, seed: int, device: torch.device, cache_dir: Path,
+                     spec: "ModelSpec", epochs: int, seed: int, device: torch.device, run_dir: Path,
                      dist: "DistInfo | None" = None, batch_ramp: BatchRampConfig | None = None,
                      where: str = "curriculum") -> "Loaders":
     """``loaders`` with the training loader under the curriculum and the batch ramp (unchanged
@@ -312,7 +329,7 @@ def apply_curriculum(model: nn.Module, loaders: "Loaders", cfg: CurriculumConfig
         sizes = resolutions(cfg, img_size, kw["size_step"])
         print(f"curriculum: resolution {sizes[0]}..{img_size} ({cfg.pacing}); {len(sizes)} distinct sizes {sizes}")
     elif cfg is not None:
-        scores = _cached_scores(cfg, loaders.train, spec, device, cache_dir, dist, where)
+        scores = _cached_scores(cfg, loaders.train, spec, device, run_dir, dist, where)
         kw["order"] = torch.argsort(scores, stable=True)  # easiest first
         print(f"curriculum: loss under {cfg.reference} ({cfg.pacing}); pool {cfg.start:.0%}..100% of "
               f"{len(scores)} samples, easiest first")

@@ -86,7 +86,7 @@ class FinetuneStage(Stage):
         apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank,
                          where=f"stages[{ctx.index - 1}].token_drop")  # the student
         loaders = apply_curriculum(model, loaders, cfg.curriculum, hooks, spec=spec, epochs=cfg.epochs,
-                                   seed=recipe.seed, device=ctx.device, cache_dir=ctx.run_dir / "curriculum",
+                                   seed=recipe.seed, device=ctx.device, run_dir=ctx.run_dir,
                                    dist=ctx.dist, batch_ramp=cfg.batch_ramp,
                                    where=f"stages[{ctx.index - 1}].curriculum")
         trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import optim  # noqa: F401  (registers the galore_* optimizers)
-from ..data.curriculum import apply_curriculum, check_curriculum, reference_model_dir
+from ..data.curriculum import apply_curriculum, check_curriculum, check_reference
 from ..engine import Hooks, TrainConfig, Trainer
 from ..models.catalog import count_params_macs
 from ..models.io import SPEC_FILE, ModelSpec, create_model, load_model, save_model
@@ -40,7 +40,7 @@ def preflight_training(cfg: TrainConfig, recipe: Any, index: int) -> None:
     and curriculum's resolution support. Otherwise those are checked when the stage starts."""
     where = f"stages[{index - 1}]"
     if cfg.curriculum is not None and cfg.curriculum.metric == "loss":
-        reference_model_dir(cfg.curriculum.reference or "", f"{where}.curriculum")
+        check_reference(cfg.curriculum.reference or "", [s.type for s in recipe.stages], index, f"{where}.curriculum")
     if cfg.token_drop is None and cfg.curriculum is None:
         return
     if any(s.type not in _SAME_ARCHITECTURE for s in recipe.stages[:index - 1]):
@@ -78,7 +78,7 @@ class TrainStage(Stage):
         apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank,
                          where=f"stages[{ctx.index - 1}].token_drop")
         loaders = apply_curriculum(model, loaders, cfg.curriculum, hooks, spec=spec, epochs=cfg.epochs,
-                                   seed=recipe.seed, device=ctx.device, cache_dir=ctx.run_dir / "curriculum",
+                                   seed=recipe.seed, device=ctx.device, run_dir=ctx.run_dir,
                                    dist=ctx.dist, batch_ramp=cfg.batch_ramp,
                                    where=f"stages[{ctx.index - 1}].curriculum")
         trainer = Trainer(model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
