@@ -88,7 +88,8 @@ SECTIONS: dict[str, Section] = {
                          title="Detection pipeline check (recipes/detection_coco128.yaml, coco128)",
                          requires=("pycocotools",), recipes=("recipes/detection_coco128.yaml",), data=("coco",)),
     "token_drop": Section(token_drop_section, token_drop_markdown, priority=35, share=0.12, min_s=120,
-                          title="random-LTD on CIFAR-10 (recipes/cifar10_vit_tiny.yaml; effvision.tokens)",
+                          title="random-LTD and curriculum on CIFAR-10 (recipes/cifar10_vit_tiny.yaml; effvision.tokens, "
+                                "effvision.data.curriculum)",
                           recipes=("recipes/cifar10_vit_tiny.yaml",), data=("cifar10",)),
     "sparse_attention": Section(sparse_attention_section, sparse_attention_markdown, priority=70, share=0.08, min_s=45,
                                 title="Block-sparse attention (B 8, H 6, D 64, bf16, block 64; effvision kernel and "

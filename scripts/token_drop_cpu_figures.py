@@ -41,12 +41,11 @@ def main() -> None:
         run = out / label
         subprocess.run([sys.executable, "-m", "effvision", "run", str(path), "--out", str(run)], check=True)
         s = json.loads((run / "01-train" / "summary.json").read_text())
-        curve, clock = [], 0.0
+        curve = []
         for line in (run / "01-train" / "metrics.jsonl").read_text().splitlines():
             r = json.loads(line)
             if r.get("eval"):
-                clock += r["epoch_time_s"]
-                curve.append((clock, r["top1"]))
+                curve.append((r["train_time_s"], r["top1"]))  # the training clock at this evaluation
         steps = args.epochs * (TRAIN_IMAGES // base["data"]["batch_size"])
         cfg = TokenDropConfig(**TOKEN_DROP) if extra else TokenDropConfig(start_tokens=PATCHES)
         processed, dense = layer_tokens(cfg, PATCHES, DEPTH, DEPTH - 2, steps, base["data"]["batch_size"])

@@ -183,9 +183,11 @@ def test_gpu_bench_token_drop_section_runs_at_toy_size(tmp_path: Path) -> None:
     args = argparse.Namespace(data="", runs=str(tmp_path), stamp="t", toy=True)
     rows = token_drop_section(args)
     variants = [r["variant"] for r in rows]
-    assert variants == ["dense", "random-LTD", "dense 0.5s", "random-LTD 0.5s", "time to dense accuracy"]
+    assert variants == ["dense", "random-LTD", "dense 0.5s", "random-LTD 0.5s", "curriculum 0.5s",
+                        "random-LTD+curriculum 0.5s", "time to dense accuracy"]
     assert all(r.get("exit_code", 0) == 0 for r in rows)
     # the budget, not the (16-step) epoch bound, ended training
     assert rows[2]["budget_s"] == 0.5 and rows[2]["train_time_s"] >= 0.5 and rows[2]["steps_done"] < 16
     assert (tmp_path / "token_drop-t.png").stat().st_size > 0
-    assert any("random-LTD" in line for line in token_drop_markdown(rows))
+    assert rows[4]["budget_s"] == 0.5 and rows[4]["top1"] is not None  # the curriculum runs trained and evaluated
+    assert any("random-LTD+curriculum" in line for line in token_drop_markdown(rows))

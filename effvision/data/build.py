@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -90,7 +91,8 @@ def build_loaders(cfg: DataConfig, *, mean: tuple[float, ...], std: tuple[float,
                               crop_pct=1.0 if cfg.img_size <= 64 else None)
     ds_train, ds_eval = ImageFolder(str(root / cfg.train_split), t_train), ImageFolder(str(root / cfg.eval_split), t_eval)
     common = dict(num_workers=cfg.num_workers, seed=seed, device=device, channels_last=channels_last)
+    plain = partial(ImageFolder, str(root / cfg.train_split), t_eval)  # curriculum scoring: un-augmented
     return Loaders(
-        FolderLoader(ds_train, cfg.batch_size, train=True, rank=rank, world_size=world_size, **common),
+        FolderLoader(ds_train, cfg.batch_size, train=True, rank=rank, world_size=world_size, plain=plain, **common),
         FolderLoader(ds_eval, cfg.eval_batch_size, train=False, **common),
         DataInfo(list(ds_train.classes), mean, std, cfg.img_size))

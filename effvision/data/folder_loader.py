@@ -8,7 +8,7 @@ not bit-identical across a resume, unlike the tensor path.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -25,6 +25,7 @@ class OrderSampler(Sampler[int]):
         self.n, self.global_batch, self.shuffle, self.seed = n, global_batch, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start_step = 0, 0
+        self.batch_indices: Callable[[int, int], torch.Tensor] | None = None  # see TensorLoader.batch_indices
 
     def _global_order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -36,7 +37,10 @@ class OrderSampler(Sampler[int]):
         per_rank = self.global_batch // self.world_size
         steps = self.n // self.global_batch if self.shuffle else -(-self.n // self.global_batch)
         for step in range(self.start_step, steps):
-            batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+            if self.batch_indices is not None and self.shuffle:
+                batch = self.batch_indices(self.epoch, step)
+            else:
+                batch = order[step * self.global_batch:(step + 1) * self.global_batch]
             yield from batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist() if self.shuffle else batch.tolist()
 
     def __len__(self) -> int:
@@ -48,13 +52,14 @@ class OrderSampler(Sampler[int]):
 class FolderLoader:
     def __init__(self, dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, plain: Callable[[], Dataset] | None = None) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.device, self.channels_last, self.seed, self.rank = torch.device(device), channels_last, seed, rank
         self.sampler = OrderSampler(len(dataset), batch_size, train, seed, rank, world_size if train else 1)
         self.num_workers = num_workers
+        self.plain = plain  # the same samples with the eval transform (built on demand: scoring a curriculum)
         self.per_rank = batch_size // world_size if train else batch_size
 
     def __len__(self) -> int:
@@ -64,6 +69,25 @@ class FolderLoader:
     @property
     def num_samples(self) -> int:
         return len(self) * self.batch_size if self.train else len(self.dataset)
+
+    @property
+    def batch_indices(self) -> Callable[[int, int], torch.Tensor] | None:
+        return self.sampler.batch_indices
+
+    @batch_indices.setter
+    def batch_indices(self, fn: Callable[[int, int], torch.Tensor] | None) -> None:
+        self.sampler.batch_indices = fn
+
+    def in_order(self, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every training sample in index order through the eval transform (scoring a curriculum)."""
+        if self.plain is None:
+            raise ValueError("this FolderLoader has no un-augmented view (plain)")
+        loader = DataLoader(self.plain(), batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        for x, y in loader:
+            yield x.to(self.device), y.to(self.device)
+
+    def labels_in_order(self) -> torch.Tensor:
+        return torch.tensor(self.dataset.targets)  # type: ignore[attr-defined]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start_step = epoch, start_step

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from timm.data.random_erasing import RandomErasing
@@ -46,6 +46,9 @@ class TensorLoader:
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
         self.erasing = (RandomErasing(random_erasing, mode="pixel", device=str(self.device))
                         if train and random_erasing > 0 else None)
+        # (epoch, step) -> the global batch's sample indices, replacing the shuffled order
+        # (a curriculum's sampler, effvision.data.curriculum); None: the permutation.
+        self.batch_indices: Callable[[int, int], torch.Tensor] | None = None
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -65,7 +68,10 @@ class TensorLoader:
             order = torch.arange(n, device=self.device)
         per_rank = self.batch_size // self.world_size if self.train else self.batch_size
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]  # the global batch
+            if self.batch_indices is not None and self.train:
+                idx = self.batch_indices(epoch, step).to(self.device)
+            else:
+                idx = order[step * self.batch_size:(step + 1) * self.batch_size]  # the global batch
             x = self.images[idx]  # (B, C, H, W) uint8
             if self.train:
                 seed = step_seed(self.seed, epoch, step)
@@ -77,6 +83,14 @@ class TensorLoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
+
+    def in_order(self, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every sample in index order, normalized, un-augmented (scoring a curriculum)."""
+        for i in range(0, len(self.labels), batch_size):
+            yield (self.images[i:i + batch_size].float() - self.mean) / self.std, self.labels[i:i + batch_size]
+
+    def labels_in_order(self) -> torch.Tensor:
+        return self.labels.cpu()
 
     def _erase(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         """timm's RandomErasing on the whole global batch. It draws boxes from `random` and fill

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ConfigError
+from ..data.curriculum import BatchRampConfig, CurriculumConfig
 from ..tokens.config import TokenDropConfig
 from .loggers import LogConfig
 from .optim import OptimizerConfig
@@ -44,6 +45,8 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / CSV / W&B beside metrics.jsonl
     budget_s: float | None = None          # train for this many seconds of training time (LR keyed to the clock)
     token_drop: TokenDropConfig | None = None  # random-LTD (effvision.tokens)
+    curriculum: CurriculumConfig | None = None  # curriculum learning (effvision.data.curriculum)
+    batch_ramp: BatchRampConfig | None = None   # the batch grows from a fraction to data.batch_size (same module)
 
     def validate(self, where: str) -> None:
         if self.epochs <= 0:
@@ -78,3 +81,7 @@ class TrainConfig:
             raise ConfigError(f"{where}.budget_s must be positive (seconds of training time)")
         if self.token_drop is not None:
             self.token_drop.validate(f"{where}.token_drop")
+        if self.curriculum is not None:
+            self.curriculum.validate(f"{where}.curriculum")
+        if self.batch_ramp is not None:
+            self.batch_ramp.validate(f"{where}.batch_ramp")

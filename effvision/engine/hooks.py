@@ -6,6 +6,9 @@
 - ``on_epoch_end``: callbacks with the epoch's metrics.
 - ``schedule_clock``: (global_step, total_steps) -> the position in [0, total_steps] the LR
   schedule sees (default: the step itself; random-LTD's layer-token LR replaces it).
+- ``budget_position``: set by the Trainer under ``budget_s``: global_step -> the spent budget
+  as a position in [0, total_steps]; schedules of features (kept tokens, curriculum pacing)
+  follow it instead of the step when it is set.
 The optimizer factory is the registry in ``effvision.engine.optim``; model transforms
 between stages are stages (``effvision.stages.register_stage``).
 """
@@ -33,3 +36,4 @@ class Hooks:
     after_step: list[StepHook] = field(default_factory=list)
     on_epoch_end: list[Callable[[int, dict[str, Any]], None]] = field(default_factory=list)
     schedule_clock: Callable[[int, int], float] | None = None
+    budget_position: Callable[[int], float] | None = None

@@ -70,6 +70,8 @@ class Trainer:
         # checkpoints excluded; budget_s keys the LR schedule to it and stops training at it.
         self.timer = timer
         self.budget_used = self.eval_time = self.checkpoint_time = 0.0
+        if cfg.budget_s is not None:  # the features' schedules (tokens, curriculum) run on the budget clock too
+            self.hooks.budget_position = lambda _step: min(self.budget_used / cfg.budget_s, 1.0) * self.total_steps
 
         self.model = model.to(device)
         if cfg.channels_last:
@@ -110,6 +112,7 @@ class Trainer:
         if cfg.compile:
             self.train_module = torch.compile(self.train_module)
         self.train_time, self.images_seen = 0.0, 0  # completed epochs, carried across resumes
+        self.epoch_images = 0  # images trained on in the current epoch's steps
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints")
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.logger: RunLogger | None = None
@@ -222,14 +225,15 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 epoch_time = time.perf_counter() - t0
                 self.train_time += epoch_time
-                done = pos.step - start_step if self.budget_spent() else self.steps_per_epoch - start_step
-                self.images_seen += done * self.loaders.train.batch_size
+                self.images_seen += self.epoch_images  # this attempt's steps of the epoch (batch_ramp: smaller)
                 last = epoch + 1 == self.cfg.epochs or self.budget_spent()
                 if pos.step == self.steps_per_epoch:  # else the budget stopped it mid-epoch
                     pos = TrainPosition(epoch + 1, 0, pos.global_step)
                 t_eval = self.timer()
                 if last or (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0):
-                    metrics = {**self._evaluate(), "epoch": epoch, "epoch_time_s": epoch_time}
+                    # train_time_s: the training clock so far (accuracy-vs-time curves with eval_every > 1)
+                    metrics = {**self._evaluate(), "epoch": epoch, "epoch_time_s": epoch_time,
+                               "train_time_s": self.train_time}
                     if self.dist.is_main:
                         append_jsonl(self.metrics_path, {"eval": True, **metrics})
                         loss_sum, loss_steps = self._epoch_loss
@@ -270,6 +274,7 @@ class Trainer:
         self._epoch_loss = (0.0, 0)
         window_start, window_images, window_steps = time.perf_counter(), 0, 0
         tick = self.timer()
+        self.epoch_images = 0
         for step, (x, y) in enumerate(self.loaders.train.epoch(epoch, start_step), start=start_step):
             loss = self._train_step(x, y, epoch, step, pos.global_step)
             if self.cfg.budget_s is not None:
@@ -282,6 +287,7 @@ class Trainer:
             loss_sum += loss.detach()
             pos = TrainPosition(epoch, step + 1, pos.global_step + 1)
             window_images += len(y) * self.dist.world_size
+            self.epoch_images += len(y) * self.dist.world_size
             window_steps += 1
             bar.update(1)
             if pos.global_step % self.cfg.log_every == 0 or step + 1 == self.steps_per_epoch:
@@ -378,8 +384,8 @@ class Trainer:
     def schedule_position(self, global_step: int) -> float | int:
         """The one schedule clock: what the LR schedule sees, in [0, total_steps]. Steps by
         default; the fraction of budget_s spent; or the hooks' clock (layer-tokens consumed)."""
-        if self.cfg.budget_s is not None:
-            return min(self.budget_used / self.cfg.budget_s, 1.0) * self.total_steps
+        if self.hooks.budget_position is not None:
+            return self.hooks.budget_position(global_step)
         if self.hooks.schedule_clock is not None:
             return self.hooks.schedule_clock(global_step, self.total_steps)
         return global_step

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..compress.distill import Distilled, DistillLoss, DistillSpec
 from ..compress.teacher import TeacherInput, resolve_teacher, teacher_source
+from ..data.curriculum import apply_curriculum
 from ..engine import Hooks, TrainConfig, Trainer
 from ..errors import ConfigError, EffVisionError
 from ..models.catalog import count_params_macs
@@ -17,6 +18,7 @@ from ..models.io import load_model, save_model
 from ..tokens import apply_token_drop
 from .base import MODEL_DIR, Stage, register_stage
 from .common import build_recipe_loaders, build_recipe_model
+from .train import preflight_training
 
 __all__ = ["DistillConfig", "FinetuneConfig", "FinetuneStage"]
 
@@ -48,7 +50,8 @@ class FinetuneStage(Stage):
 
     @classmethod
     def preflight(cls, cfg: FinetuneConfig, recipe: Any, index: int) -> None:
-        """The teacher must exist (or be made by an earlier stage of this recipe)."""
+        """The teacher must exist (or be made by an earlier stage of this recipe); the training blocks."""
+        preflight_training(cfg, recipe, index)
         if cfg.distill is None:
             return
         ref = cfg.distill.teacher
@@ -84,6 +87,10 @@ class FinetuneStage(Stage):
         params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
         apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank,
                          where=f"stages[{ctx.index - 1}].token_drop")  # the student
+        loaders = apply_curriculum(model, loaders, cfg.curriculum, hooks, spec=spec, epochs=cfg.epochs,
+                                   seed=recipe.seed, device=ctx.device, run_dir=ctx.run_dir,
+                                   dist=ctx.dist, batch_ramp=cfg.batch_ramp,
+                                   where=f"stages[{ctx.index - 1}].curriculum")
         trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
                           augment=recipe.data.augment, hooks=hooks)

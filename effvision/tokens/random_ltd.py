@@ -135,8 +135,8 @@ def check_token_drop(model: nn.Module, cfg: TokenDropConfig, where: str = "token
 def apply_token_drop(model: nn.Module, cfg: TokenDropConfig | None, hooks: Hooks, *, seed: int, rank: int = 0,
                      where: str = "token_drop") -> None:
     """Swap the chosen blocks of ``model`` (in place) and register the schedule on ``hooks``:
-    a before-step hook that sets the kept-token count, and (``layer_token_lr``) the trainer's
-    schedule clock. A no-op for ``cfg`` None."""
+    a before-step hook that sets the kept-token count (by step, or by the spent budget under
+    budget_s), and (``layer_token_lr``) the trainer's schedule clock. A no-op for ``cfg`` None."""
     if cfg is None:
         return
     check_token_drop(model, cfg, where)
@@ -154,7 +154,9 @@ def apply_token_drop(model: nn.Module, cfg: TokenDropConfig | None, hooks: Hooks
           f"{len(sizes)} distinct token counts {sizes} (at most {len(sizes)} compiled shapes)")
 
     def set_keep(_model: nn.Module, global_step: int, total_steps: int) -> None:
-        state.step, state.keep = global_step, kept_tokens(cfg, n, global_step, total_steps)
+        # The subsets stay keyed to the step; the count follows the budget clock under budget_s.
+        position = hooks.budget_position(global_step) if hooks.budget_position is not None else global_step
+        state.step, state.keep = global_step, kept_tokens(cfg, n, int(position), total_steps)
 
     hooks.before_step.append(set_keep)
     if cfg.layer_token_lr:
