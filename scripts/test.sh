@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -ra tests "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=15 tests "$@"  # the slowest tests, to keep the suite short

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
+
+from effvision.cli import main
 
 from conftest import cli, tiny_recipe
 
@@ -33,9 +36,10 @@ def test_prune_and_quantize_a_saved_model_dir(tmp_path: Path) -> None:
     assert (tmp_path / "int8" / "02-export" / "model.onnx").is_file()
 
 
-def test_prune_without_a_model_or_ratio_is_one_line(tmp_path: Path) -> None:
-    r = cli("prune", str(tmp_path / "nope"), "--mlp", "0.5", "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no model in" in r.stderr
-    r = cli("prune", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "--ratio" in r.stderr
+def test_prune_without_a_model_or_ratio_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", str(tmp_path / "nope"), "--mlp", "0.5", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no model in" in err
+    assert main(["prune", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "--ratio" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
