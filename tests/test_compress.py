@@ -268,3 +268,40 @@ def test_latency_search_rerun_reads_the_machine_table_and_gives_the_same_ratio()
     assert first_table.path.stat().st_mtime_ns == stamp  # nothing was measured again
     first_table.path.write_text("{not json")              # a damaged table is measured anew, not trusted
     assert not LatencyTable.for_search(model, x, kinds, budget, PruneSpec()).reused
+
+
+def test_cached_teacher_logits_train_like_the_live_teacher(tmp_path: Path) -> None:
+    """distill.cache_logits: the teacher runs once over the training set (cached in RUN/distill) and each
+    step looks its batch up by sample index; with augmentation off that is exactly the live teacher,
+    so the distilled students end the same. A second finetune reuses the cache file."""
+    from safetensors.torch import load_file
+
+    from effvision.pipeline import run_recipe
+
+    def recipe(name: str, cache: bool) -> Path:
+        ft = {"type": "finetune", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.05}, "log_every": 4,
+              "distill": {"teacher": "01-train", "kind": "soft", "alpha": 1.0, "temperature": 2.0,
+                          "cache_logits": cache}}
+        return tiny_recipe(tmp_path / f"{name}.yaml", data={"augment": {"crop_padding": 0, "hflip": False},
+                                                             "limit_train": 256},
+                           stages=[{**TRAIN, "epochs": 1}, ft, *([ft] if cache else [])])
+
+    run_recipe(recipe("live", False), tmp_path / "live")
+    run_recipe(recipe("cached", True), tmp_path / "cached")
+    caches = list((tmp_path / "cached" / "distill").glob("logits-*.safetensors"))
+    assert len(caches) == 1 and load_file(str(caches[0]))["logits"].shape == (256, 10)
+    live = load_file(str(tmp_path / "live" / "02-finetune" / "model" / "model.safetensors"))
+    cached = load_file(str(tmp_path / "cached" / "02-finetune" / "model" / "model.safetensors"))
+    for k in live:
+        torch.testing.assert_close(cached[k], live[k], atol=1e-5, rtol=1e-4)
+    # the second finetune (teacher 01-train again) found the same file instead of a new one
+    assert list((tmp_path / "cached" / "distill").glob("logits-*.safetensors")) == caches
+
+
+def test_cached_logits_refuse_feature_distillation(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path / "r.yaml", stages=_stages(
+        {"type": "finetune", "epochs": 1, "distill": {"teacher": "01-train", "feature_weight": 0.5,
+                                                       "cache_logits": True}}))
+    r = cli("run", str(recipe), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "cache_logits" in r.stderr and "feature_weight" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -49,6 +49,8 @@ class TensorLoader:
         # (epoch, step) -> the global batch's sample indices, replacing the shuffled order
         # (a curriculum's sampler, effvision.data.curriculum); None: the permutation.
         self.batch_indices: Callable[[int, int], torch.Tensor] | None = None
+        # This process's sample indices of the batch yielded last (cached teacher logits look them up).
+        self.last_indices: torch.Tensor | None = None
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -82,6 +84,7 @@ class TensorLoader:
                 x = (x.float() - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            self.last_indices = idx
             yield x, self.labels[idx]
 
     def in_order(self, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..compress.distill import Distilled, DistillLoss, DistillSpec
+from ..compress.logit_cache import CachedTeacher, teacher_logits
 from ..compress.teacher import TeacherInput, resolve_teacher, teacher_source
 from ..data.curriculum import apply_curriculum
 from ..engine import Hooks, TrainConfig, Trainer
@@ -27,11 +28,15 @@ __all__ = ["DistillConfig", "FinetuneConfig", "FinetuneStage"]
 class DistillConfig(DistillSpec):
     teacher: str = ""                    # "01-train" (a stage of this run), a model/run dir, or a timm name
     teacher_pretrained: bool = False     # timm names only: load timm's pretrained weights
+    cache_logits: bool = False           # run the teacher once over the training set, then look logits up
 
     def validate(self, where: str) -> None:
         super().validate(where)
         if not self.teacher:
             raise ConfigError(f"{where}.teacher: name the teacher (e.g. '01-train', a model dir, a timm model)")
+        if self.cache_logits and (self.feature_weight > 0 or self.kind == "token"):
+            raise ConfigError(f"{where}.cache_logits: cached logits serve soft and hard distillation only "
+                              f"(not feature_weight or kind token, which need the teacher's forward)")
 
 
 @dataclass
@@ -83,7 +88,13 @@ class FinetuneStage(Stage):
             adapt = TeacherInput(spec, t_spec).to(ctx.device)
             train_model = Distilled(model, teacher, cfg.distill, (spec.in_chans, spec.img_size, spec.img_size),
                                     (t_spec.in_chans, t_spec.img_size, t_spec.img_size))
-            hooks.loss_terms.append(DistillLoss(teacher, train_model, cfg.distill, None if adapt.identity else adapt))
+            if cfg.distill.cache_logits:
+                _, where = teacher_source(cfg.distill.teacher, ctx.run_dir)
+                logits, _ = teacher_logits(teacher, where, adapt, loaders.train, ctx.device,
+                                           ctx.run_dir / "distill", ctx.dist.is_main)
+                teacher, adapt = CachedTeacher(logits, loaders.train).to(ctx.device), None
+            hooks.loss_terms.append(DistillLoss(teacher, train_model, cfg.distill,
+                                                None if adapt is None or adapt.identity else adapt))
         params_m, gmacs = count_params_macs(model, (spec.in_chans, spec.img_size, spec.img_size))
         apply_token_drop(model, cfg.token_drop, hooks, seed=recipe.seed, rank=ctx.dist.rank,
                          where=f"stages[{ctx.index - 1}].token_drop")  # the student
