@@ -25,7 +25,7 @@ from .engine.evaluate import autocast
 from .errors import EffVisionError
 from .models.io import SPEC_FILE, load_model
 
-__all__ = ["benchmark", "BACKENDS", "resolve_target"]
+__all__ = ["benchmark", "roundrobin", "BACKENDS", "resolve_target"]
 
 # ort-int8 / openvino-int8: a quantized model's QDQ ONNX; openvino: the ONNX converted to OpenVINO IR
 # trt: TensorRT engine (the quantized QDQ graph for a quantized model) on the GPU
@@ -154,6 +154,21 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
         if dev.type == "cuda":
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return _summary(result, times, shape, batch_size)
+
+
+def roundrobin(targets: list[str], backend: str = "ort", rounds: int = 7, **kwargs: Any) -> dict[str, list[float]]:
+    """img/s of each target per round, the targets timed in turn within every round: load from other
+    jobs on the machine falls on all of them alike, so ratios of the medians hold where absolute img/s
+    do not. ``kwargs`` go to ``benchmark`` (batch_size, iters, threads...)."""
+    from tqdm import tqdm
+
+    rates: dict[str, list[float]] = {t: [] for t in targets}
+    with tqdm(total=rounds * len(targets), desc=f"{backend} round-robin", unit="run", leave=False) as bar:
+        for _ in range(rounds):
+            for target in targets:
+                rates[target].append(benchmark(target, backend, **kwargs)["img_per_s"])
+                bar.update()
+    return rates
 
 
 def _summary(result: dict[str, Any], times: list[float], shape: tuple[int, ...], batch_size: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from effvision.bench import benchmark, resolve_target
+from effvision.bench import resolve_target, roundrobin
 from effvision.export import OnnxExportConfig, export_onnx
 from effvision.models.io import load_model
 
@@ -39,11 +39,9 @@ def main() -> None:
     args = p.parse_args()
     workdir = tempfile.TemporaryDirectory()
     files = {t: as_onnx(t, Path(workdir.name)) for t in args.targets}
-    rates: dict[str, list[float]] = {t: [] for t in args.targets}
-    for _ in range(args.rounds):
-        for target in args.targets:
-            r = benchmark(files[target], "ort", batch_size=args.batch_size, warmup=5, iters=args.iters, threads=args.threads)
-            rates[target].append(r["img_per_s"])
+    by_file = roundrobin(list(files.values()), "ort", args.rounds, batch_size=args.batch_size, warmup=5,
+                         iters=args.iters, threads=args.threads)
+    rates = {t: by_file[f] for t, f in files.items()}
     workdir.cleanup()
     base = statistics.median(rates[args.targets[0]])
     rows = [{"target": t, "median_img_per_s": statistics.median(v), "ratio_vs_first": statistics.median(v) / base,
