@@ -61,8 +61,15 @@ TAIL = [{"type": "eval"}, {"type": "export", "format": "onnx", "opset": 18}]
 
 def variants(args: argparse.Namespace, out: Path) -> list[tuple[str, dict[str, Any]]]:
     dense_model = str((out / "dense" / "01-train" / "model").resolve())
+    if args.dense_run is not None:  # link a finished dense run instead of training another
+        link = out / "dense"
+        if not link.exists():
+            link.symlink_to(args.dense_run.resolve(), target_is_directory=True)
+        elif link.resolve() != args.dense_run.resolve():
+            raise SystemExit(f"cpu_bench: {link} exists and is not {args.dense_run}; choose another --out")
     prune = {"type": "prune", "criterion": "taylor", "calib_batches": 4, "round_to": 8,
-             "budget": {"metric": "latency", "backend": "ort", "fraction": args.latency_fraction},
+             "budget": {"metric": "latency", "backend": "ort", "fraction": args.latency_fraction,
+                        **({"allocation": args.allocation} if args.allocation != "uniform" else {})},
              "budget_kinds": ["heads", "mlp", "width"]}
     kd = {"teacher": dense_model, "kind": "soft", "alpha": 1.0, "temperature": 2.0, "cache_logits": True}
     ft = args.finetune_budget
@@ -146,6 +153,10 @@ def main() -> None:
     p.add_argument("--model", default="vit_micro_patch4_32")
     p.add_argument("--dense-budget", type=float, default=600.0, help="training seconds of the dense model")
     p.add_argument("--finetune-budget", type=float, default=180.0, help="training seconds of each pruned fine-tune")
+    p.add_argument("--dense-run", type=Path, default=None,
+                   help="a finished cpu_bench dense run (OUT/dense of an earlier run) to reuse instead of training")
+    p.add_argument("--allocation", choices=["uniform", "halp"], default="uniform",
+                   help="how the latency budget is spread over layers (prune budget.allocation)")
     p.add_argument("--latency-fraction", type=float, default=0.4, help="pruned onnxruntime latency / dense")
     p.add_argument("--rounds", type=int, default=7, help="round-robin rounds of the timing")
     p.add_argument("--threads", type=int, default=2)
