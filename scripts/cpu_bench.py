@@ -7,6 +7,8 @@ Variants (each an effvision recipe run under OUT/, written to OUT/recipes/):
   pruned          prune dense to --latency-fraction of its onnxruntime latency -> fine-tune alone
   pruned_kd       the same pruned model -> fine-tune distilled from dense (cached teacher logits), same budget
   pruned_kd_int8  INT8 PTQ of pruned_kd
+  dense_evit0.5_kd  (with --tokens evit:0.5 or tome:8) token reduction on dense, then the same
+                  distilled fine-tune
 Then test top-1 of every exported ONNX in onnxruntime (the file that is timed), img/s round-robin
 in one process at batch 32 and batch 1, and a table (cpu_bench.md, cpu_bench.json) and a plot of
 accuracy against img/s (cpu_bench.png) in OUT.
@@ -73,7 +75,7 @@ def variants(args: argparse.Namespace, out: Path) -> list[tuple[str, dict[str, A
              "budget_kinds": ["heads", "mlp", "width"]}
     kd = {"teacher": dense_model, "kind": "soft", "alpha": 1.0, "temperature": 2.0, "cache_logits": True}
     ft = args.finetune_budget
-    return [
+    out_v = [
         ("dense", _recipe(args, "dense", [_train(args.dense_budget, 2e-3), *TAIL])),
         ("dense_int8", _recipe(args, "dense_int8", [QUANTIZE, *TAIL], init=dense_model)),
         ("pruned", _recipe(args, "pruned", [prune, _train(ft, 1e-3), *TAIL], init=dense_model)),
@@ -83,6 +85,15 @@ def variants(args: argparse.Namespace, out: Path) -> list[tuple[str, dict[str, A
         ("pruned_kd_int8", _recipe(args, "pruned_kd_int8", [QUANTIZE, *TAIL],
                                    init=str((out / "pruned_kd" / "01-finetune" / "model").resolve()))),
     ]
+    for spec in args.tokens:  # token reduction on the dense model, then the same distilled fine-tune
+        method, _, value = spec.partition(":")
+        if method not in ("tome", "evit") or not value:
+            raise SystemExit(f"cpu_bench: --tokens {spec}: expected tome:R or evit:KEEP_RATE")
+        stage = {"type": "reduce_tokens", "method": method,
+                 **({"r": int(value)} if method == "tome" else {"keep_rate": float(value)})}
+        name = f"dense_{method}{value}_kd"
+        out_v.append((name, _recipe(args, name, [stage, _train(ft, 5e-4, kd), *TAIL], init=dense_model)))
+    return out_v
 
 
 def run_variant(out: Path, name: str, recipe: dict[str, Any]) -> Path:
@@ -158,6 +169,8 @@ def main() -> None:
     p.add_argument("--allocation", choices=["uniform", "halp"], default="uniform",
                    help="how the latency budget is spread over layers (prune budget.allocation)")
     p.add_argument("--latency-fraction", type=float, default=0.4, help="pruned onnxruntime latency / dense")
+    p.add_argument("--tokens", nargs="*", default=[], metavar="tome:R|evit:KEEP",
+                   help="also: token reduction of dense (ToMe r or EViT keep rate) + the distilled fine-tune")
     p.add_argument("--rounds", type=int, default=7, help="round-robin rounds of the timing")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit-train", type=int, default=None, help="use only N training images (smoke runs)")
