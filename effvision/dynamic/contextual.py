@@ -59,7 +59,7 @@ class ContextualConfig:
 
 
 def keep_count(n: int, fraction: float) -> int:
-    return max(1, math.ceil(fraction * n - 1e-9))
+    return max(1, int(fraction * n + 0.5))  # nearest count, at least one
 
 
 class LowRank(nn.Sequential):
