@@ -18,7 +18,6 @@ model.safetensors; the model spec lists the transform, and ``load_model`` rebuil
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,7 @@ __all__ = ["ContextualConfig", "ContextualBlock", "BlockPredictor", "attach_pred
            "set_contextual_mode_", "contextual_entry", "contextual_macs", "check_predictors_dir"]
 
 Mode = Literal["dense", "sparse", "masked", "oracle", "collect"]
+MODES = ("dense", "sparse", "masked", "oracle", "collect")
 
 
 @dataclass
@@ -171,14 +171,13 @@ class ContextualBlock(Block):
             y = _proj_gather(self.attn, _qkv_heads(self.attn, h, idx), idx)
         else:
             o = _qkv_heads(self.attn, h, None)                                  # (B, H, N, hd)
-            imp = head_importance(self.attn, o) if mode in ("oracle", "collect") else None
             if mode == "collect":
-                y = _proj_masked(self.attn, o, torch.ones_like(imp, dtype=torch.bool))
+                self._records.append({"head_in": h.mean(1), "head_imp": head_importance(self.attn, o)})
+                mask = torch.ones(o.shape[:2], dtype=torch.bool, device=o.device)  # (B, H)
             else:
-                scores = imp if mode == "oracle" else self.ctx_pred.heads(h.mean(1))
-                y = _proj_masked(self.attn, o, _topk_mask(scores, self.head_k))
-            if mode == "collect":
-                self._records.append({"head_in": h.mean(1), "head_imp": imp})
+                scores = head_importance(self.attn, o) if mode == "oracle" else self.ctx_pred.heads(h.mean(1))
+                mask = _topk_mask(scores, self.head_k)
+            y = _proj_masked(self.attn, o, mask)
         x = x + self.drop_path1(self.ls1(y))
         m = self.norm2(x)                                                       # (B, N, D)
         if mode == "sparse":
@@ -188,10 +187,11 @@ class ContextualBlock(Block):
             a = self.mlp.act(self.mlp.fc1(m))                                   # (B, N, hidden)
             if mode == "collect":
                 self._records[-1].update(mlp_in=m.mean(1), mlp_imp=a.abs().mean(1))
-                y = self.mlp.drop2(self.mlp.fc2(self.mlp.drop1(a)))
+                mask = torch.ones(a.shape[0], a.shape[2], dtype=torch.bool, device=a.device)  # (B, hidden)
             else:
                 scores = a.abs().mean(1) if mode == "oracle" else self.ctx_pred.neurons(m.mean(1))
-                y = _mlp_masked(self.mlp, a, _topk_mask(scores, self.mlp_k))
+                mask = _topk_mask(scores, self.mlp_k)
+            y = _mlp_masked(self.mlp, a, mask)
         return x + self.drop_path2(self.ls2(y))
 
 
@@ -228,6 +228,8 @@ def attach_predictors_(model: nn.Module, cfg: ContextualConfig) -> nn.Module:
 
 
 def set_contextual_mode_(model: nn.Module, mode: Mode) -> None:
+    if mode not in MODES:
+        raise EffVisionError(f"contextual mode {mode!r} is not one of {', '.join(MODES)}")
     for blk in model.blocks:
         blk.ctx_mode = mode
 
