@@ -100,14 +100,15 @@ def test_bad_input_one_line_before_any_change(tmp_path: Path) -> None:
     contextual_sparsity_(small, ContextualConfig(rank=4, steps=1), [torch.randn(2, 3, 32, 32)])
     save_model(small, ModelSpec("vit_micro_patch4_32", {"depth": 2}), tmp_path / "pred")
     other = timm.create_model("vit_tiny_patch4_32", depth=3)
-    with pytest.raises(EffVisionError, match=r"trained for another model \(width 96 vs 192, .*depth 2 vs 3"):
+    with pytest.raises(EffVisionError, match=r"trained for another model \(block 0: width 96 vs 192, .*depth 2 vs 3"):
         contextual_sparsity_(other, ContextualConfig(predictors=str(tmp_path / "pred")))
     assert type(other.blocks[0]).__name__ == "Block"  # untouched
     same = timm.create_model("vit_micro_patch4_32", depth=2)
     contextual_sparsity_(same, ContextualConfig(predictors=str(tmp_path / "pred")))  # the matching model loads them
     torch.testing.assert_close(same.blocks[1].ctx_pred.neurons[2].weight, small.blocks[1].ctx_pred.neurons[2].weight)
     # The CLI: exit 2, one line, no run dir.
-    bad = tiny_recipe(tmp_path / "bad.yaml", stages=[{"type": "contextual_sparsity", "predictors": str(tmp_path / "pred")}],
+    stage = {"type": "contextual_sparsity", "predictors": str(tmp_path / "pred")}
+    bad = tiny_recipe(tmp_path / "bad.yaml", stages=[stage],
                       model={"kwargs": {"depth": 3}})
     r = cli("run", str(bad), "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "stages[0].predictors" in r.stderr and "depth 2 vs 3" in r.stderr

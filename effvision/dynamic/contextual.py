@@ -249,14 +249,17 @@ def check_predictors_dir(model: nn.Module, directory: str | Path, where: str = "
         state = {k: f.get_tensor(k) for k in f.keys() if ".ctx_pred." in k}
     if not state:
         raise EffVisionError(f"{where}: {directory} holds no contextual-sparsity predictors")
+    _shape(model)
     depth = 1 + max(int(k.split(".")[1]) for k in state)
-    theirs = {"width": state["blocks.0.ctx_pred.heads.0.weight"].shape[1],
-              "heads": state["blocks.0.ctx_pred.heads.2.weight"].shape[0],
-              "mlp_hidden": state["blocks.0.ctx_pred.neurons.2.weight"].shape[0], "depth": depth}
-    ours = _shape(model)
-    if theirs != ours:
-        diff = ", ".join(f"{k} {theirs[k]} vs {ours[k]}" for k in ours if theirs[k] != ours[k])
-        raise EffVisionError(f"{where}: {directory} was trained for another model ({diff}; predictors vs this model)")
+    for i, blk in enumerate(model.blocks[:depth]):  # per block: a pruned model's heads/hidden may differ by block
+        pre = f"blocks.{i}.ctx_pred."
+        theirs = (state[pre + "heads.0.weight"].shape[1], state[pre + "heads.2.weight"].shape[0],
+                  state[pre + "neurons.2.weight"].shape[0], depth)
+        ours = (blk.attn.qkv.in_features, blk.attn.num_heads, blk.mlp.fc1.out_features, len(model.blocks))
+        diff = [f"{k} {a} vs {b}" for k, a, b in zip(("width", "heads", "mlp_hidden", "depth"), theirs, ours) if a != b]
+        if diff:
+            raise EffVisionError(f"{where}: {directory} was trained for another model (block {i}: {', '.join(diff)}; "
+                                 f"predictors vs this model)")
     return state
 
 
