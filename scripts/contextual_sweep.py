@@ -4,7 +4,7 @@ heads/neurons kept, so the same block MACs) and the predictors' recall; a table 
 (top-1 against block MACs) in --out.
 
     .venv/bin/python scripts/contextual_sweep.py RECIPE MODEL_DIR [--keeps 0.67,0.5 0.67,0.3 0.34,0.3]
-        [--rank 32] [--steps 300] [--calib-batches 16] [--out runs/contextual_sweep]
+        [--rank 128] [--steps 1000] [--calib-batches 16] [--out runs/contextual_sweep]
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def main() -> None:
     p.add_argument("recipe")
     p.add_argument("model_dir")
     p.add_argument("--keeps", nargs="+", default=["0.67,0.5", "0.67,0.3", "0.34,0.3", "0.34,0.15"])
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--out", default="runs/contextual_sweep")
     args = p.parse_args()

@@ -42,9 +42,9 @@ MODES = ("dense", "sparse", "masked", "oracle", "collect")
 class ContextualConfig:
     head_keep: float = 0.5          # fraction of attention heads computed per image, in (0, 1]
     mlp_keep: float = 0.3           # fraction of MLP hidden neurons computed per image, in (0, 1]
-    rank: int = 32                  # predictor hidden width (Linear(D, rank) -> ReLU -> Linear(rank, out))
-    steps: int = 300                # predictor training steps (Adam, minibatches of the calibration set)
-    lr: float = 3e-3
+    rank: int = 128                 # predictor hidden width (Linear(D, rank) -> ReLU -> Linear(rank, out))
+    steps: int = 1000               # predictor training steps (Adam, minibatches of the calibration set)
+    lr: float = 1e-2
     predictors: str | None = None   # a model dir whose trained predictors to reuse instead of training
 
     def validate(self, where: str = "contextual_sparsity") -> None:
@@ -269,6 +269,7 @@ def contextual_sparsity_(model: nn.Module, cfg: ContextualConfig, calib: list[to
     of (B, C, H, W) batches), or load them from ``cfg.predictors``. Leaves the model in mode
     ``sparse``; returns the training report (per-block loss and recall on ``calib``)."""
     cfg.validate()
+    _shape(model)
     state = check_predictors_dir(model, cfg.predictors) if cfg.predictors else None  # checks before any change
     if state is None and not calib:
         raise EffVisionError("contextual_sparsity: calibration images are needed to train the predictors")
