@@ -48,7 +48,7 @@ class TrainConfig:
     token_drop: TokenDropConfig | None = None  # random-LTD (effvision.tokens)
     curriculum: CurriculumConfig | None = None  # curriculum learning (effvision.data.curriculum)
     batch_ramp: BatchRampConfig | None = None   # the batch grows from a fraction to data.batch_size (same module)
-    keep_schedule: KeepScheduleConfig | None = None  # EViT keep rate 1.0 -> target (effvision.dynamic; finetune)
+    keep_schedule: KeepScheduleConfig | None = None  # EViT keep rate 1.0 -> target (effvision.dynamic)
 
     def validate(self, where: str) -> None:
         if self.epochs <= 0:
