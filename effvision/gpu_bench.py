@@ -45,6 +45,7 @@ from .assemble.gpu_section import assemble_markdown, assemble_section
 from .attention.gpu_section import sparse_attention_markdown, sparse_attention_section
 from .tokens.gpu_section import token_drop_markdown, token_drop_section
 from .compress.quantize.gpu_section import quantize_markdown, quantize_section
+from .dynamic.gpu_section import dynamic_markdown, dynamic_section
 from .gpu_sections import (cifar10_markdown, cifar10_section, detection_markdown, detection_section,
                            inference_markdown, inference_section, prune_distill_markdown, prune_distill_section)
 from .optim.gpu_section import galore_markdown, galore_section
@@ -80,6 +81,9 @@ SECTIONS: dict[str, Section] = {
     "quantize": Section(quantize_section, quantize_markdown, priority=40, share=0.08, min_s=30,
                         title="Quantization (deit_tiny, effvision.compress.quantize)",
                         requires=("onnx", "onnxruntime", "onnxscript", "onnxslim")),
+    "dynamic": Section(dynamic_section, dynamic_markdown, priority=45, share=0.05, min_s=30,
+                       title="Dynamic inference (deit_small_patch16_224 random init, bf16: ToMe r=13 and EViT keep 0.7 "
+                             "vs dense at batch 256; contextual sparsity gather path vs dense at batch 1 and 8)"),
     "prune_distill": Section(prune_distill_section, prune_distill_markdown, priority=50, share=0.24, min_s=90,
                              title="Prune + distill, CIFAR-10 (recipes/cifar10_vit_prune_distill.yaml, 50% MACs)",
                              requires=("torch_pruning",), recipes=("recipes/cifar10_vit_prune_distill.yaml",),

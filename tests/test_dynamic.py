@@ -97,3 +97,29 @@ def test_stage_preflight_rejects_before_the_run(tmp_path):
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart_tome.yaml"
     rc = main(["run", str(recipe), "--out", str(out), "--set", "stages.1.r=40"])
     assert rc == 2 and not out.exists()
+
+
+def test_evit_keep_rate_schedule_ramps_to_the_target():
+    """Fine-tuning's keep-rate schedule: all tokens at step 0, the target's counts from the end of
+    the ramp on (the counts reduce_tokens_ set), in between in between; non-EViT models refused."""
+    from effvision.dynamic.keep_schedule import KeepScheduleConfig, apply_keep_schedule, keep_rate_at
+    from effvision.engine import Hooks
+
+    cfg = TokenReduceConfig(method="evit", keep_rate=0.5)
+    m = _vit()
+    target = reduce_tokens_(m, cfg)
+    hooks = Hooks()
+    apply_keep_schedule(m, KeepScheduleConfig(ramp=0.5), [transform_entry(cfg)], hooks, "stages[1].keep_schedule")
+    x = torch.randn(1, 3, 32, 32)
+
+    def tokens_after_last_block(step: int) -> int:
+        hooks.before_step[0](m, step, 100)
+        return m._features(x)[0].shape[1]
+
+    assert tokens_after_last_block(0) == 65 and tokens_after_last_block(50) == target[-1] == tokens_after_last_block(99)
+    assert target[-1] < tokens_after_last_block(25) < 65
+    assert keep_rate_at(0.5, 25, 100, 0.5) == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="not EViT-pruned"):
+        apply_keep_schedule(_vit(), KeepScheduleConfig(), [], Hooks(), "stages[1].keep_schedule")
+    with pytest.raises(ConfigError, match=r"keep_schedule.ramp: 1.0 is outside"):
+        KeepScheduleConfig(ramp=1.0).validate("stages[1].keep_schedule")

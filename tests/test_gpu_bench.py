@@ -77,10 +77,10 @@ def test_every_section_passes_the_environment_check(capsys) -> None:
     assert "environment ok for cifar10, inference" in capsys.readouterr().out
 
 
-def test_toy_inference_and_quantize(tmp_path: Path) -> None:
+def test_toy_inference_quantize_and_dynamic(tmp_path: Path) -> None:
     out = tmp_path / "out"
     torch.set_num_threads(1)
-    assert main(["--toy", "--sections", "quantize,inference", "--out", str(out), "--runs", str(tmp_path / "runs"),
+    assert main(["--toy", "--sections", "quantize,inference,dynamic", "--out", str(out), "--runs", str(tmp_path / "runs"),
                  "--mirror", str(tmp_path / "mirror")]) == 0
     inf = json.loads((out / "inference.json").read_text())
     assert inf["status"] == "ok" and inf["rows"][0]["target"] == "vit_micro_patch4_32"
@@ -91,6 +91,12 @@ def test_toy_inference_and_quantize(tmp_path: Path) -> None:
     md = (tmp_path / "mirror" / "gpu_bench.md").read_text()
     assert "| vit_micro_patch4_32 |" in md and "| fake-quant int8 |" in md
     assert json.loads((tmp_path / "mirror" / "ledger.json").read_text())["sections"]["quantize"]["status"] == "ok"
+    dyn = json.loads((out / "dynamic.json").read_text())
+    assert dyn["status"] == "ok", dyn
+    assert [r["variant"] for r in dyn["rows"] if r["part"] == "throughput"] == ["dense", "ToMe r=4", "EViT keep 0.7"]
+    assert all(r["img_per_s"] > 0 for r in dyn["rows"] if r["part"] == "throughput")
+    assert [r["batch_size"] for r in dyn["rows"] if r["part"] == "contextual"] == [1, 8]
+    assert "| vit_micro_patch4_32 | ToMe r=4 | 8 |" in (out / "gpu_bench.md").read_text()
 
 
 @needs_shared

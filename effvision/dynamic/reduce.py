@@ -16,7 +16,7 @@ from ..errors import ConfigError, EffVisionError
 from ..models.transforms import register_transform
 from .tokens import merge_bipartite, prune_by_score
 
-__all__ = ["TokenReduceConfig", "reduce_tokens_", "token_counts"]
+__all__ = ["TokenReduceConfig", "reduce_tokens_", "token_counts", "set_keep_rate_"]
 
 
 @dataclass
@@ -174,6 +174,14 @@ def reduce_tokens_(model: nn.Module, cfg: TokenReduceConfig) -> list[int]:
         cls = type(model)
         model.__class__ = type(f"Reduced{cls.__name__}", (ReduceMixin, cls), {})
     return counts
+
+
+def set_keep_rate_(model: nn.Module, cfg: TokenReduceConfig) -> None:
+    """Change an EViT model's kept tokens per pruning block to ``cfg.keep_rate`` (the keep-rate
+    schedule of fine-tuning); the pruning blocks stay those of ``cfg``."""
+    counts, p = token_counts(model, cfg), model.num_prefix_tokens
+    for i in _evit_blocks(cfg, len(model.blocks)):
+        model.blocks[i].evit_keep = counts[i + 1] - p - 1
 
 
 @register_transform("reduce_tokens")

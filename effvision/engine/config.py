@@ -6,6 +6,7 @@ from typing import Literal
 
 from ..errors import ConfigError
 from ..data.curriculum import BatchRampConfig, CurriculumConfig
+from ..dynamic.keep_schedule import KeepScheduleConfig
 from ..tokens.config import TokenDropConfig
 from .loggers import LogConfig
 from .optim import OptimizerConfig
@@ -47,6 +48,7 @@ class TrainConfig:
     token_drop: TokenDropConfig | None = None  # random-LTD (effvision.tokens)
     curriculum: CurriculumConfig | None = None  # curriculum learning (effvision.data.curriculum)
     batch_ramp: BatchRampConfig | None = None   # the batch grows from a fraction to data.batch_size (same module)
+    keep_schedule: KeepScheduleConfig | None = None  # EViT keep rate 1.0 -> target (effvision.dynamic)
 
     def validate(self, where: str) -> None:
         if self.epochs <= 0:
@@ -85,3 +87,5 @@ class TrainConfig:
             self.curriculum.validate(f"{where}.curriculum")
         if self.batch_ramp is not None:
             self.batch_ramp.validate(f"{where}.batch_ramp")
+        if self.keep_schedule is not None:
+            self.keep_schedule.validate(f"{where}.keep_schedule")

@@ -3,7 +3,7 @@ from .base import MODEL_DIR, STAGES, SUMMARY_FILE, Stage, StageContext, register
 from . import bench, evaluate, export, train  # noqa: F401,E402  (registration)
 from . import finetune, prune  # noqa: F401,E402  (registration: effvision.compress)
 from . import quantize  # noqa: F401,E402  (registration)
-from . import early_exit, reduce_tokens  # noqa: F401,E402  (registration: effvision.dynamic)
+from . import contextual_sparsity, early_exit, reduce_tokens  # noqa: F401,E402  (registration: effvision.dynamic)
 
 from . import assemble, grow  # noqa: F401,E402  (registration: effvision.assemble)
 

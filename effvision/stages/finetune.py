@@ -12,6 +12,7 @@ from ..compress.distill import Distilled, DistillLoss, DistillSpec
 from ..compress.logit_cache import CachedTeacher, teacher_logits
 from ..compress.teacher import TeacherInput, resolve_teacher, teacher_source
 from ..data.curriculum import apply_curriculum
+from ..dynamic.keep_schedule import apply_keep_schedule
 from ..engine import Hooks, TrainConfig, Trainer
 from ..errors import ConfigError, EffVisionError
 from ..models.catalog import count_params_macs
@@ -102,6 +103,7 @@ class FinetuneStage(Stage):
                                    seed=recipe.seed, device=ctx.device, run_dir=ctx.run_dir,
                                    dist=ctx.dist, batch_ramp=cfg.batch_ramp,
                                    where=f"stages[{ctx.index - 1}].curriculum")
+        apply_keep_schedule(model, cfg.keep_schedule, spec.transforms, hooks, f"stages[{ctx.index - 1}].keep_schedule")
         trainer = Trainer(train_model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
                           augment=recipe.data.augment, hooks=hooks)

@@ -11,6 +11,7 @@ import torch.nn as nn
 from .. import optim  # noqa: F401  (registers the galore_* optimizers)
 from ..assemble.optimizer_state import carry_optimizer_state
 from ..data.curriculum import apply_curriculum, check_curriculum, check_reference
+from ..dynamic.keep_schedule import apply_keep_schedule
 from ..engine import Hooks, TrainConfig, Trainer
 from ..models.catalog import count_params_macs
 from ..models.io import SPEC_FILE, ModelSpec, create_model, load_model, save_model
@@ -82,6 +83,7 @@ class TrainStage(Stage):
                                    seed=recipe.seed, device=ctx.device, run_dir=ctx.run_dir,
                                    dist=ctx.dist, batch_ramp=cfg.batch_ramp,
                                    where=f"stages[{ctx.index - 1}].curriculum")
+        apply_keep_schedule(model, cfg.keep_schedule, spec.transforms, hooks, f"stages[{ctx.index - 1}].keep_schedule")
         trainer = Trainer(model, cfg, loaders, device=ctx.device, out_dir=ctx.stage_dir,
                           num_classes=spec.num_classes, seed=recipe.seed, dist=ctx.dist,
                           augment=recipe.data.augment, hooks=hooks)
