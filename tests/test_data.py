@@ -403,3 +403,20 @@ def test_cifar10_load_arrays_limits(cifar_cache, monkeypatch):
     # and a second call gives the same arrays (from the cache)
     again = build.load_arrays(cfg)
     assert torch.equal(again["train"].images, train.images) and torch.equal(again["test"].labels, test.labels)
+
+
+def test_holdout_is_a_disjoint_class_balanced_validation_split() -> None:
+    """data.holdout: N training images kept out of training (early-exit calibration reads them)."""
+    from effvision.data.build import build_loaders, hold_out
+
+    train = digits()["train"]
+    rest, held = hold_out(train, 100)
+    assert len(rest) + len(held) == len(train) and len(held) == 100
+    assert torch.bincount(held.labels, minlength=10).tolist() == [10] * 10
+    flat = lambda a: {bytes(im.numpy().tobytes()) + bytes([int(y)]) for im, y in zip(a.images, a.labels)}  # noqa: E731
+    assert not (flat(rest) & flat(held))  # no image is in both (digits has a few exact duplicates: labels kept)
+    loaders = build_loaders(DataConfig(holdout=100), mean=(0.5,) * 3, std=(0.5,) * 3, device=torch.device("cpu"), seed=0)
+    assert loaders.val is not None and loaders.val.num_samples == 100
+    assert loaders.train.num_samples <= len(train) - 100
+    with pytest.raises(EffVisionError, match="leaves no training images"):
+        hold_out(train, len(train))

@@ -64,11 +64,12 @@ def test_early_exit_stage_trains_calibrates_and_saves(tmp_path: Path) -> None:
               {"type": "early_exit", "epochs": 2, "log_every": 4, "eval_every": 0, "latency_images": 8,
                "optimizer": {"name": "adamw", "lr": 1.0e-3},
                "exits": {"after": [1], "distill": 0.5, "accuracy_budget": 2.0, "calib_batches": 2}}]
-    recipe = tiny_recipe(tmp_path / "r.yaml", stages=stages)
+    recipe = tiny_recipe(tmp_path / "r.yaml", stages=stages, data={"holdout": 64})
     r = cli("run", str(recipe), "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "run" / "02-early_exit" / "summary.json").read_text())
     assert 0.0 < s["blocks_fraction"] <= 1.0 and set(s["exit_top1"]) == {"1"}
+    assert s["calibration"]["split"] == "holdout"  # data.holdout: calibrated on images never trained on
     assert s["latency"]["torch"]["images"] == 8 and s["latency"]["onnxruntime"]["early_exit_ms_p50"] > 0
     # The model dir rebuilds the heads (spec transform) and keeps the calibrated policy.
     model, spec = load_model(tmp_path / "run" / "02-early_exit" / "model")

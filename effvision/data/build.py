@@ -11,10 +11,10 @@ from torchvision.datasets import ImageFolder
 from ..errors import EffVisionError
 from .config import DataConfig
 from .folder_loader import FolderLoader
-from .sources import ImageArrays, decode_archive, decode_imagefolder, digits, torchvision_cifar10
+from .sources import ImageArrays, balanced_indices, decode_archive, decode_imagefolder, digits, torchvision_cifar10
 from .tensor_loader import TensorLoader
 
-__all__ = ["DataInfo", "Loaders", "build_loaders", "load_arrays", "CACHE_DIR"]
+__all__ = ["DataInfo", "Loaders", "build_loaders", "hold_out", "load_arrays", "CACHE_DIR"]
 
 CACHE_DIR = Path.home() / ".cache" / "effvision"
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -33,6 +33,9 @@ class Loaders:
     train: TensorLoader | FolderLoader
     eval: TensorLoader | FolderLoader
     info: DataInfo
+    # data.holdout: training images kept out of training, for choices that must not see the
+    # test split (an early-exit threshold); None without a holdout
+    val: TensorLoader | None = None
 
 
 def _is_archive(root: str | None) -> bool:
@@ -60,6 +63,18 @@ def load_arrays(cfg: DataConfig) -> dict[str, ImageArrays]:
             cfg.eval_split: splits[cfg.eval_split].subset(cfg.limit_eval)}
 
 
+def hold_out(data: ImageArrays, n: int) -> tuple[ImageArrays, ImageArrays]:
+    """(the rest, ``n`` class-balanced samples): disjoint, the same ones on every run."""
+    if n >= len(data):
+        raise EffVisionError(f"data.holdout {n} leaves no training images (the split has {len(data)})")
+    held = balanced_indices(data.labels.flip(0), n)  # taken from the end, so limit_train's head stays put
+    held = (len(data) - 1 - held).sort().values
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[held] = False
+    return (ImageArrays(data.images[keep], data.labels[keep], data.classes),
+            ImageArrays(data.images[held], data.labels[held], data.classes))
+
+
 def build_loaders(cfg: DataConfig, *, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
                   seed: int, rank: int = 0, world_size: int = 1, channels_last: bool = False) -> Loaders:
     mean = tuple(cfg.mean or mean)
@@ -72,11 +87,18 @@ def build_loaders(cfg: DataConfig, *, mean: tuple[float, ...], std: tuple[float,
         if train.classes != ev.classes:
             raise EffVisionError(f"train and eval splits have different classes: {train.classes} vs {ev.classes}")
         common = dict(device=device, mean=mean, std=std, seed=seed, channels_last=channels_last)
+        val = None
+        if cfg.holdout:
+            train, held = hold_out(train, cfg.holdout)
+            val = TensorLoader(held, cfg.eval_batch_size, train=False, **common)
         return Loaders(
             TensorLoader(train, cfg.batch_size, train=True, crop_padding=aug.crop_padding, hflip=aug.hflip,
                          random_erasing=aug.random_erasing, rank=rank, world_size=world_size, **common),
             TensorLoader(ev, cfg.eval_batch_size, train=False, **common),
-            DataInfo(train.classes, mean, std, cfg.img_size))
+            DataInfo(train.classes, mean, std, cfg.img_size), val)
+    if cfg.holdout:
+        raise EffVisionError("data.holdout needs the tensor loader (digits, cifar10); give an ImageFolder its own "
+                             "validation folder instead")
     if cfg.root is None or not Path(cfg.root).is_dir():
         raise EffVisionError(f"dataset folder not found: {cfg.root} (the folder loader reads an ImageFolder tree)")
     from timm.data import create_transform

@@ -39,6 +39,7 @@ class DataConfig:
     eval_split: str = "test"
     limit_train: int | None = None   # use only the first N training samples (class-balanced)
     limit_eval: int | None = None
+    holdout: int = 0                 # training images (class-balanced) held out as a validation split
     mean: list[float] | None = None  # defaults: the model's pretrained_cfg
     std: list[float] | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -50,6 +51,8 @@ class DataConfig:
             raise ConfigError(f"{where}: batch sizes must be positive")
         if self.img_size <= 0:
             raise ConfigError(f"{where}.img_size must be positive")
+        if self.holdout < 0:
+            raise ConfigError(f"{where}.holdout must be >= 0 (training images held out for validation)")
         for key in ("limit_train", "limit_eval"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive (or left out)")

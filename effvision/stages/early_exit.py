@@ -65,7 +65,9 @@ class EarlyExitStage(Stage):
                           seed=ctx.recipe.seed, dist=ctx.dist, augment=ctx.recipe.data.augment, hooks=hooks)
         result = trainer.fit(resume=ctx.resume)
         model = result.model.eval()
-        calib = list(itertools.islice(loaders.train.epoch(0), cfg.exits.calib_batches))
+        # data.holdout's validation split when the recipe has one, else training batches (seen in training)
+        source = loaders.val if loaders.val is not None else loaders.train
+        calib = list(itertools.islice(source.epoch(0), cfg.exits.calib_batches))
         if cfg.exits.threshold is None:
             policy = calibrate_threshold(model, calib, cfg.exits.criterion, cfg.exits.accuracy_budget)
             threshold = policy["threshold"]
@@ -83,6 +85,7 @@ class EarlyExitStage(Stage):
             export_early_exit(model, folder, (spec.in_chans, spec.img_size, spec.img_size), threshold,
                               cfg.exits.criterion)
             latency["onnxruntime"] = ort_batch1_latency(folder, _images(loaders.eval, cfg.latency_images).numpy())
+        policy["split"] = "holdout" if loaders.val is not None else "train"
         return {"top1": test["early_exit_top1"], **test, "calibration": policy, "threshold": threshold,
                 "criterion": cfg.exits.criterion, "exits_after": list(cfg.exits.after), "latency": latency,
                 "train_time_s": result.train_time_s, "model": spec.name, "wall_time_s": time.perf_counter() - t0}
