@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -56,7 +57,8 @@ def run_variant(run: Path, out: Path, budget: float, allocation: str, epochs: in
     recipe = out / f"{allocation}-{budget}.yaml"
     recipe.write_text(yaml.safe_dump(recipe_for(run, budget, allocation, epochs, calib), sort_keys=False))
     print(f"== {vdir.name}", flush=True)
-    r = subprocess.run([sys.executable, "-m", "effvision", "run", str(recipe), "--out", str(vdir), "--force"])
+    shutil.rmtree(vdir, ignore_errors=True)  # an unfinished variant of ours: start it again
+    r = subprocess.run([sys.executable, "-m", "effvision", "run", str(recipe), "--out", str(vdir)])
     if r.returncode != 0:
         raise SystemExit(f"{vdir.name}: effvision run failed ({r.returncode})")
     return vdir
