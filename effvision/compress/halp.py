@@ -35,6 +35,7 @@ from timm.layers.attention import Attention
 
 from ..bench import time_calls
 from ..errors import EffVisionError
+from .budget import BudgetSpec, LatencyTable, _runner, latency_fraction
 from .importance import get_criterion
 from .prune import Batches, PruneSpec, kinds_of, prune_
 
@@ -151,11 +152,9 @@ def _entry(layer: Layer, width: int) -> str:
     return f"{layer.kind}:{layer.dim}:{width}"
 
 
-def layer_latencies(model: nn.Module, example: torch.Tensor, layers: list[Layer], budget: Any,
+def layer_latencies(model: nn.Module, example: torch.Tensor, layers: list[Layer], budget: BudgetSpec,
                     cycles: int) -> dict[str, float]:
     """Seconds per call of every layer variant and of the whole model ("model"), round-robin."""
-    from .budget import _runner
-
     with torch.no_grad():
         tokens = model.forward_features(example[:1]).shape  # (1, N, D): the blocks' input
     wanted: dict[str, nn.Module] = {}
@@ -223,15 +222,14 @@ def layer_ratios(layers: list[Layer], widths: Sequence[int]) -> dict[str, float]
     return {l.name: (l.full - w) / l.full - 1e-6 for l, w in zip(layers, widths) if w < l.full}
 
 
-def allocate(model: nn.Module, example: torch.Tensor, kinds: Sequence[str], budget: Any, base: PruneSpec,
-             batches: Batches | None, max_ratio: float, table: Any, tries: int = 5) -> tuple[dict[str, float], dict[str, Any]]:
+def allocate(model: nn.Module, example: torch.Tensor, kinds: Sequence[str], budget: BudgetSpec, base: PruneSpec,
+             batches: Batches | None, max_ratio: float, table: LatencyTable,
+             tries: int = 5) -> tuple[dict[str, float], dict[str, Any]]:
     """Per-layer ratios (``PruneSpec.layers``) meeting ``budget.fraction`` of dense latency, and a report.
 
-    ``table`` (a ``budget.LatencyTable``) holds the layer latencies and every measured allocation's
-    fraction: a rerun on the same machine reads it and returns the same widths.
+    ``table`` (``LatencyTable.for_search`` with ``allocation: halp``) holds the layer latencies and
+    every measured allocation's fraction: a rerun on the same machine reads it and returns the same widths.
     """
-    from .budget import latency_fraction
-
     layers = layers_of(model, kinds, base.round_to, max_ratio)
     if not layers:
         raise EffVisionError(f"allocation halp: {type(model).__name__} has no timm Attention (with > 1 head) or Mlp "
@@ -246,6 +244,7 @@ def allocate(model: nn.Module, example: torch.Tensor, kinds: Sequence[str], budg
     def measured(widths: list[int]) -> float:
         if all(w == l.full for l, w in zip(layers, widths)):
             return 1.0
+
         def run() -> float:
             trial = copy.deepcopy(model)
             prune_(trial, PruneSpec(criterion="l1", round_to=base.round_to, ignore=base.ignore,
