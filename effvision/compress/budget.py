@@ -15,6 +15,9 @@ Latency is noisy on a shared machine, so it is measured robustly and remembered:
   under ``$EFFVISION_CACHE`` (default ``~/.cache/effvision``). A rerun on the same machine reads
   the table instead of the clock, so the bisection takes the same path and gives the same
   architecture.
+
+``allocation: halp`` replaces the one ratio by per-layer widths (``halp.py``); its table of layer
+widths is a ``LatencyTable`` too, in its own file.
 """
 from __future__ import annotations
 
