@@ -82,7 +82,9 @@ print("ok", spec.pruned is not None)
     ({"ratio": 0.3, "ignore": ["blocks.7.mlp"]}, "no module named blocks.7.mlp"),
     ({"budget": {"metric": "params", "fraction": 0.05}, "budget_kinds": ["mlp"]}, "cannot be reached"),
     ({"criterion": "magic", "ratio": 0.3}, "unknown 'magic'"),
-], ids=["ratio", "ignored", "budget", "criterion"])
+    ({"budget": {"metric": "latency", "fraction": 0.5, "allocation": "halp"}, "budget_kinds": ["width"]},
+     "allocation halp allocates heads and mlp per block, not width"),
+], ids=["ratio", "ignored", "budget", "criterion", "halp"])
 def test_bad_prune_config_fails_before_work(tmp_path: Path, prune: dict, message: str) -> None:
     recipe = tiny_recipe(tmp_path / "r.yaml", stages=_stages({"type": "prune", **prune}))
     r = cli("run", str(recipe), "--out", str(tmp_path / "out"))

@@ -15,6 +15,9 @@ Latency is noisy on a shared machine, so it is measured robustly and remembered:
   under ``$EFFVISION_CACHE`` (default ``~/.cache/effvision``). A rerun on the same machine reads
   the table instead of the clock, so the bisection takes the same path and gives the same
   architecture.
+
+``allocation: halp`` replaces the one ratio by per-layer widths (``halp.py``); its table of layer
+widths is a ``LatencyTable`` too, in its own file.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ class BudgetSpec:
     iters: int = 10                              # latency only: timed pairs per round
     rounds: int = 5                              # latency only: rounds (rounds * iters pairs in all)
     cache: bool = True                           # latency only: reuse this machine's latency table
+    allocation: Literal["uniform", "halp"] = "uniform"  # one ratio for all, or per layer (HALP knapsack)
 
     def validate(self, where: str) -> None:
         if not 0 < self.fraction < 1:
@@ -59,6 +63,9 @@ class BudgetSpec:
             raise ConfigError(f"{where}: batch_size, iters and rounds must be positive")
         if self.metric == "latency" and self.backend == "ort" and self.device != "cpu":
             raise ConfigError(f"{where}: backend ort measures on the cpu here")
+        if self.allocation == "halp" and self.metric != "latency":
+            raise ConfigError(f"{where}.allocation: halp allocates measured latency; use metric latency "
+                              f"(or allocation uniform for {self.metric})")
 
 
 def _runner(model: nn.Module, shape: tuple[int, ...], budget: BudgetSpec, stack: ExitStack) -> Callable[[], object]:
@@ -122,19 +129,30 @@ class LatencyTable:
 
     @classmethod
     def for_search(cls, model: nn.Module, example: torch.Tensor, kinds: list[str], budget: BudgetSpec,
-                   base: PruneSpec) -> "LatencyTable":
-        return cls(_table_key(model, example, kinds, budget, base), enabled=budget.cache)
+                   base: PruneSpec, max_ratio: float | None = None) -> "LatencyTable":
+        """The table of uniform ratios, or with ``budget.allocation == "halp"`` (its own file) of layer
+        widths and allocations (the widths offered depend on ``max_ratio``)."""
+        key = _table_key(model, example, kinds, budget, base)
+        if budget.allocation == "halp":
+            key.update(allocation="halp", max_ratio=max_ratio)
+        return cls(key, enabled=budget.cache)
 
     def get(self, ratio: float, measure_fn: Callable[[], float]) -> float:
-        k = f"{ratio:.6f}"
-        if k not in self.entries:
-            self.entries[k] = measure_fn()
-            if self.enabled:
-                from ..io import atomic_write_text
+        return self.lookup(f"{ratio:.6f}", measure_fn)
 
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self.path, json.dumps({"key": self.key, "fractions": self.entries}, indent=1))
-        return self.entries[k]
+    def lookup(self, name: str, measure_fn: Callable[[], float]) -> float:
+        """The entry ``name``, measured (and saved) only when the table lacks it."""
+        if name not in self.entries:
+            self.update({name: measure_fn()})
+        return self.entries[name]
+
+    def update(self, entries: dict[str, float]) -> None:
+        self.entries.update(entries)
+        if self.enabled:
+            from ..io import atomic_write_text
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"key": self.key, "fractions": self.entries}, indent=1))
 
 
 def _table_key(model: nn.Module, example: torch.Tensor, kinds: list[str], budget: BudgetSpec,

@@ -49,6 +49,9 @@ class PruneSpec:
     round_to: int | None = None       # keep channel counts multiples of this (8, 16 for tensor cores)
     ignore: list[str] = field(default_factory=list)          # module names whose outputs keep their size
     steps: int = 1                    # iterative: ratios are reached in this many steps
+    # per layer, over ``ratios``: an Attention's name -> fraction of its heads removed, an Mlp fc1's
+    # name -> fraction of its units (what a HALP allocation gives: effvision.compress.halp)
+    layers: dict[str, float] = field(default_factory=dict)
 
 
 def _family(model: nn.Module) -> str:
@@ -124,6 +127,9 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
     bad = {k: r for k, r in spec.ratios.items() if k not in KINDS or not 0 <= r < 1}
     if bad:
         raise EffVisionError(f"prune ratios {bad}: kinds are {', '.join(KINDS)}, each ratio in [0, 1)")
+    bad = {k: r for k, r in spec.layers.items() if not 0 <= r < 1}
+    if bad:
+        raise EffVisionError(f"prune layer ratios {bad}: each in [0, 1)")
     if type(model).__name__ in UNSUPPORTED:
         raise EffVisionError(f"no handler covers {_family(model)}: {UNSUPPORTED[type(model).__name__]}")
     criterion = get_criterion(spec.criterion)
@@ -131,7 +137,8 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
         raise EffVisionError(f"criterion '{spec.criterion}' needs calibration batches")
     ignored = check_ignored(model, spec.ignore)
     kinds = kinds_of(model)
-    if not any(spec.ratios.get(k, 0) > 0 and kinds[k] for k in KINDS):
+    per_layer = _layer_modules(model, kinds, spec.layers)
+    if not per_layer and not any(spec.ratios.get(k, 0) > 0 and kinds[k] for k in KINDS):
         asked = {k: r for k, r in spec.ratios.items() if r > 0}
         raise EffVisionError(f"no handler covers {_family(model)} for {asked or 'no ratio'}: nothing to prune "
                              f"(this model has {', '.join(k for k in KINDS if kinds[k]) or 'no prunable kind'})")
@@ -151,13 +158,17 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
     # Torch-Pruning visits an attention group only when its channel ratio is positive; with
     # prune_head_dims off that ratio selects nothing by itself, head_pruning_ratio does the work.
     ratio_dict.update({a.qkv: head_ratio for a in kinds["heads"]})
+    # per layer: an attention's qkv gets a head ratio of its own (and a channel ratio, to be visited)
+    head_dict = {m.qkv: r for m, r in per_layer.items() if isinstance(m, Attention)}
+    ratio_dict.update({**{m: r for m, r in per_layer.items() if not isinstance(m, Attention)}, **head_dict})
     heads = {a.qkv: a.num_heads for a in kinds["heads"]}
     internal = _attention_internals(model, kinds["heads"])
     try:
         pruner = tp.pruner.MetaPruner(
             model, example, importance=importance, pruning_ratio=0.0, pruning_ratio_dict=ratio_dict,
             iterative_steps=spec.steps, round_to=spec.round_to, num_heads=heads,
-            prune_num_heads=head_ratio > 0, prune_head_dims=False, head_pruning_ratio=head_ratio,
+            prune_num_heads=head_ratio > 0 or any(r > 0 for r in head_dict.values()), prune_head_dims=False,
+            head_pruning_ratio=head_ratio, head_pruning_ratio_dict=head_dict or None,
             ignored_layers=[*_classifier(model), *ignored, *internal])
         for step in range(spec.steps):
             if criterion.calibrate is not None:
@@ -179,6 +190,22 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
         raise EffVisionError(f"no handler covers {_family(model)}: Torch-Pruning failed ({type(e).__name__}: "
                              f"{msg[:200]})") from None
     return model
+
+
+def _layer_modules(model: nn.Module, kinds: dict[str, list[nn.Module]], layers: dict[str, float]) -> dict[nn.Module, float]:
+    """``PruneSpec.layers`` as modules: each name must be a timm Attention (heads) or an Mlp's fc1."""
+    if not layers:
+        return {}
+    allowed = {id(m) for m in [*kinds["heads"], *kinds["mlp"]]}
+    names = dict(model.named_modules())
+    bad = [n for n in layers if n not in names or id(names[n]) not in allowed]
+    if bad:
+        raise EffVisionError(f"prune layers {bad}: per-layer ratios take timm Attention modules (heads) and Mlp fc1 "
+                             f"layers (units) of {_family(model)}")
+    if any(isinstance(names[n], Attention) and r >= (names[n].num_heads - 1) / names[n].num_heads + 1e-9
+           for n, r in layers.items()):
+        raise EffVisionError("prune layers: keep at least one head per attention")
+    return {names[n]: r for n, r in layers.items() if r > 0}
 
 
 def _fix_attention(model: nn.Module, pruner: tp.pruner.MetaPruner) -> None:

@@ -9,6 +9,7 @@ copy) before the run directory is touched.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from ..compress.arch import describe_pruned
 from ..compress.budget import BudgetSpec, LatencyTable, latency_fraction, search_ratio
+from ..compress.halp import HALP_KINDS, allocate
 from ..compress.importance import CRITERIA
 from ..compress.prune import KINDS, PruneSpec, kinds_of, model_macs_params, prune_
 from ..engine import Hooks, TrainConfig, Trainer
@@ -68,35 +70,56 @@ class PruneConfig:
             raise ConfigError(f"{where}.max_ratio: {self.max_ratio} is outside (0, 1)")
         if self.round_to is not None and self.round_to <= 0:
             raise ConfigError(f"{where}.round_to must be positive")
+        if self.budget is not None and self.budget.allocation == "halp":
+            other = [k for k in self.budget_kinds if k not in HALP_KINDS]
+            if other:
+                raise ConfigError(f"{where}.budget_kinds: allocation halp allocates {' and '.join(HALP_KINDS)} per block, "
+                                  f"not {', '.join(other)}; set budget_kinds: [heads, mlp]")
         if self.steps <= 0 or self.recover_epochs < 0 or self.calib_batches <= 0:
             raise ConfigError(f"{where}: steps and calib_batches must be positive, recover_epochs non-negative")
 
     def ratios(self) -> dict[str, float]:
         return {k: (getattr(self, k) if getattr(self, k) is not None else self.ratio or 0.0) for k in KINDS}
 
-    def spec(self, ratios: dict[str, float]) -> PruneSpec:
+    def spec(self, ratios: dict[str, float], layers: dict[str, float] | None = None) -> PruneSpec:
         return PruneSpec(ratios=ratios, criterion=self.criterion, round_to=self.round_to, ignore=list(self.ignore),
-                         steps=self.steps)
+                         steps=self.steps, layers=dict(layers or {}))
 
 
-def _resolve_ratios(cfg: PruneConfig, model: nn.Module, example: torch.Tensor,
-                    tries: int = 7) -> tuple[dict[str, float], dict[str, Any]]:
-    """The per-kind ratios to prune with (searched for a budget), and what the search found;
-    ``tries=0`` only checks that the budget is reachable at ``max_ratio``."""
+def _resolve_ratios(cfg: PruneConfig, model: nn.Module, example: torch.Tensor, tries: int = 7,
+                    batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                    ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """The per-kind ratios and per-layer ratios to prune with (searched for a budget), and what the
+    search found; ``tries=0`` only checks that the budget is reachable at ``max_ratio``."""
     if cfg.budget is None:
-        return cfg.ratios(), {}
+        return cfg.ratios(), {}, {}
     present = [k for k in cfg.budget_kinds if kinds_of(model)[k]]
     if not present:
         raise EffVisionError(f"prune.budget_kinds {cfg.budget_kinds}: {type(model).__name__} has none of them")
+    if cfg.budget.allocation == "halp" and tries > 0:
+        table = LatencyTable.for_search(model, example, present, cfg.budget, cfg.spec({}), cfg.max_ratio)
+        reused = table.reused
+        layers, found = allocate(model, example, present, cfg.budget, cfg.spec({}), batches, cfg.max_ratio, table)
+        found.update(latency_table=str(table.path) if table.enabled else None, latency_table_reused=reused)
+        return {k: 0.0 for k in KINDS}, layers, found
     table = None
-    if cfg.budget.metric == "latency":
-        table = LatencyTable.for_search(model, example, present, cfg.budget, cfg.spec({}))
+    if cfg.budget.metric == "latency":  # halp's preflight checks reachability on the uniform table
+        uniform = dataclasses.replace(cfg.budget, allocation="uniform")
+        table = LatencyTable.for_search(model, example, present, uniform, cfg.spec({}))
     ratio, achieved = search_ratio(model, example, present, cfg.budget, cfg.spec({}), cfg.max_ratio, tries, table)
     found: dict[str, Any] = {"searched_ratio": ratio, "searched_fraction": achieved}
     if table is not None:
         found.update(latency_table=str(table.path) if table.enabled else None, latency_table_reused=table.reused,
                      latency_fractions=dict(sorted(table.entries.items())))
-    return {k: ratio if k in present else 0.0 for k in KINDS}, found
+    return {k: ratio if k in present else 0.0 for k in KINDS}, {}, found
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    """Each attention's heads and each MLP's hidden units after pruning: what a budget allocated."""
+    names = {id(m): n for n, m in model.named_modules()}
+    kinds = kinds_of(model)
+    return {**{names[id(a)]: a.num_heads for a in kinds["heads"]},
+            **{names[id(f)]: f.out_features for f in kinds["mlp"]}}
 
 
 @register_stage
@@ -127,7 +150,7 @@ class PruneStage(Stage):
         calib = [(x.cpu(), y.cpu()) for x, y in islice(loaders.train.epoch(0), cfg.calib_batches)]
         example = calib[0][0][:2]
         dense = copy.deepcopy(model)
-        ratios, search = _resolve_ratios(cfg, model, example)
+        ratios, layers, search = _resolve_ratios(cfg, model, example, batches=calib)
 
         def recover(m: nn.Module, step: int) -> None:
             if cfg.recover_epochs:
@@ -137,12 +160,12 @@ class PruneStage(Stage):
                         num_classes=spec.num_classes, seed=recipe.seed, hooks=Hooks()).fit()
                 m.cpu()
 
-        prune_(model, cfg.spec(ratios), example, calib, between_steps=recover)
+        prune_(model, cfg.spec(ratios, layers), example, calib, between_steps=recover)
         spec.pruned = describe_pruned(model, dense)
         save_model(model, spec, ctx.stage_dir / MODEL_DIR)
         macs0, params0 = model_macs_params(dense, example[:1])
         macs1, params1 = model_macs_params(model, example[:1])
-        report = {"criterion": cfg.criterion, "ratios": ratios, **search,
+        report = {"criterion": cfg.criterion, "ratios": ratios, **search, "widths": _widths(model),
                   "dense": {"macs": macs0, "params": params0}, "pruned": {"macs": macs1, "params": params1},
                   "macs_fraction": macs1 / macs0, "params_fraction": params1 / params0}
         if cfg.budget is not None and cfg.budget.metric == "latency":
