@@ -72,7 +72,8 @@ def variants(args: argparse.Namespace, out: Path) -> list[tuple[str, dict[str, A
     prune = {"type": "prune", "criterion": "taylor", "calib_batches": 4, "round_to": 8,
              "budget": {"metric": "latency", "backend": "ort", "fraction": args.latency_fraction,
                         **({"allocation": args.allocation} if args.allocation != "uniform" else {})},
-             "budget_kinds": ["heads", "mlp", "width"]}
+             # HALP allocates heads and MLP units per block; width is one global choice (uniform only)
+             "budget_kinds": ["heads", "mlp"] if args.allocation == "halp" else ["heads", "mlp", "width"]}
     kd = {"teacher": dense_model, "kind": "soft", "alpha": 1.0, "temperature": 2.0, "cache_logits": True}
     ft = args.finetune_budget
     out_v = [
