@@ -118,7 +118,12 @@ def _prepare_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
         # the corrected recipe takes its place.
         atomic_write_text(recipe_file, yaml.safe_dump(resolved, sort_keys=False))
     elif recipe_file.is_file():
-        diff = _first_difference(yaml.safe_load(recipe_file.read_text()), resolved)
+        stored = yaml.safe_load(recipe_file.read_text())
+        try:  # re-resolved by today's parser: options added since the run started take their defaults
+            stored = recipe_to_dict(parse_recipe(copy.deepcopy(stored)))
+        except (ConfigError, EffVisionError):
+            pass  # compared as stored; the first difference names what changed
+        diff = _first_difference(stored, resolved)
         if diff:
             raise ConfigError(f"{run_dir} holds a run of a different recipe (differs at {diff}); "
                               f"choose another --out (nothing was overwritten)")

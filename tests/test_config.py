@@ -588,3 +588,25 @@ def test_fixing_a_bad_model_name_and_rerunning_works(tmp_path, capsys):
 def test_values_that_would_fail_late_are_rejected_up_front(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml", [override])
+
+
+def test_a_run_made_before_a_new_option_still_resumes(tmp_path: Path) -> None:
+    """A run dir's recipe.yaml lacks options added to effvision since it was written; they take their
+    defaults, so rerunning the same recipe skips the finished stages instead of calling it another recipe."""
+    from conftest import tiny_recipe
+
+    from effvision.pipeline import run_recipe
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", data={"limit_train": 128, "limit_eval": 64},
+                         stages=[{"type": "train", "epochs": 1, "eval_every": 0}])
+    run = run_recipe(recipe, tmp_path / "run")
+    stored = yaml.safe_load((run / "recipe.yaml").read_text())
+    del stored["data"]["holdout"]  # as written before data.holdout existed
+    (run / "recipe.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    before = (run / "01-train" / "summary.json").read_text()
+    run_recipe(recipe, run)  # no "different recipe" error; the finished stage is skipped
+    assert (run / "01-train" / "summary.json").read_text() == before
+    changed = tiny_recipe(tmp_path / "r2.yaml", data={"limit_train": 128, "limit_eval": 64, "holdout": 16},
+                          stages=[{"type": "train", "epochs": 1, "eval_every": 0}])
+    with pytest.raises(ConfigError, match="different recipe.*holdout"):
+        run_recipe(changed, run)
