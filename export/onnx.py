@@ -11,6 +11,7 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,23 @@ class OnnxExportConfig:
         return [(h, w), (h + self.hw_multiple, w + 2 * self.hw_multiple)] if self.dynamic_hw else [(h, w)]
 
 
+@contextlib.contextmanager
+def _explicit_attention(model: nn.Module) -> Iterator[None]:
+    """timm attention modules take their non-fused path (q * scale @ k^T, softmax, @ v) while
+    exporting. The fused path goes through the exporter's scaled_dot_product_attention
+    decomposition, which reshapes K to 3-D, transposes and reshapes it back, and multiplies
+    sqrt(scale) into q and k separately: extra copies onnxruntime runs at every block (README,
+    "Quantization and deployment export"). Same math; parity checks it."""
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    for m in fused:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in fused:
+            m.fused_attn = True
+
+
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig,
                 output_names: list[str] | None = None, translations: dict | None = None) -> Path:
     """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked.
@@ -66,7 +84,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
     dynamic = (dims,) if dims else None
     log = io.StringIO()
     # The exporter prints progress to stdout; keep the CLI's output to what the user asked for.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(log):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log), _explicit_attention(model):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=cfg.opset,

@@ -44,7 +44,9 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = 
         plain = Path(tmp) / "plain.onnx"
         onnx.save(model, str(plain))
         quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=INT8_OP_TYPES)
+                         op_types_to_quantize=INT8_OP_TYPES,
+                         # shape inference stops at contrib ops (Attention, Gelu): their outputs are float
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
     return {"form": "ort-dynamic", "weights": "int8 per channel" if per_channel else "int8 per tensor",
             "activations": "uint8, scale per batch", "QAttention": ops.count("QAttention"),
