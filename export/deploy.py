@@ -6,6 +6,7 @@ Every check runs on files in a temporary folder; only a graph that passed them a
 to the output folder, so bad input leaves nothing behind."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class DeployConfig:
     # and INT8 as dynamic quantization of that graph. None: on for target ort-cpu (contrib ops
     # only onnxruntime runs; OpenVINO and TensorRT read the standard QDQ graph).
     ort_optimize: bool | None = None
+    # one com.microsoft.Attention per block (ort_attention.py): measured no faster than the
+    # optimizer's graph on deit_tiny and slower on the quickstart ViT (README), so opt-in
+    ort_fused_attention: bool = False
     int8_min_sqnr_db: float = 15.0         # ort-dynamic INT8 vs fp32 logits: a broken graph is ~0 dB
 
     def optimize_for_ort(self) -> bool:
@@ -192,13 +196,13 @@ def _int8_check(reference: nn.Module, path: Path, shape: tuple[int, ...], cfg: D
 
 def _ort_graph(model: nn.Module, tmp: Path, shape: tuple[int, ...], cfg: DeployConfig, int8: bool,
                translations: dict) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """The ort-cpu graph of a float ``model``: fused Attention, onnxslim, onnxruntime's transformer
+    """The ort-cpu graph of a float ``model``: (opt-in) fused Attention, onnxslim, onnxruntime's transformer
     optimizer (each pass kept only if fp32 parity still holds), then for INT8 dynamic quantization
     of the optimized graph with its own check. Returns (file, checks, record for the manifest)."""
     from .ort_attention import attention_translations, fused_attention
     from .ort_optimize import quantize_dynamic_int8, transformer_optimize
 
-    with fused_attention(model) as fused:
+    with fused_attention(model) if cfg.ort_fused_attention else contextlib.nullcontext(0) as fused:
         final = export_onnx(model, tmp / "raw.onnx", shape,
                             OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch),
                             translations={**translations, **attention_translations()})

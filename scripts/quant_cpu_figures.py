@@ -3,12 +3,13 @@ graph of one model, timed round-robin in one process (each round times every gra
 back, so load on the machine hits all alike), at batch 32 and batch 1, with INT8 agreement
 and logit SQNR vs fp32 on real images (CIFAR-10 test images resized to the model's size).
 
-Graphs: fp32 as effvision's plain export writes it (dynamo exporter, timm's explicit attention
-path), as the dynamo exporter writes timm's fused SDPA path (the export before this fix), as
-the TorchScript exporter writes it, and effvision's ort-cpu graph (fused Attention + onnxruntime's transformer
-optimizer); INT8 as effvision's ort-cpu export (dynamic quantization of the optimized graph:
-QAttention), effvision's calibrated QDQ graphs (ort-cpu U8S8 and tensorrt S8S8 forms) and
-onnxruntime's quantize_dynamic of the plain dynamo graph (MatMulInteger, no fusions).
+Graphs: fp32 as effvision's plain export writes it (dynamo exporter, GELU in onnxruntime's
+fusable order), as the dynamo exporter wrote it before (the exporter's own GELU), as the TorchScript exporter writes it, and effvision's ort-cpu
+graphs (onnxruntime's transformer optimizer, with and without one fused Attention op per block);
+INT8 as effvision's ort-cpu export (dynamic quantization of the optimized graph), the same on
+the fused graph (QAttention), effvision's calibrated QDQ graphs (ort-cpu U8S8 and tensorrt S8S8
+forms, calibrated on 64 CIFAR-10 training images) and onnxruntime's quantize_dynamic of the
+plain dynamo graph (MatMulInteger, no fusions).
 
     .venv/bin/python scripts/quant_cpu_figures.py [--model deit_tiny_patch16_224 | --model-dir DIR]
         [--rounds 7] [--images 256]
@@ -36,16 +37,16 @@ from effvision.export import DeployConfig, OnnxExportConfig, export_deployable, 
 from effvision.export.ort_optimize import quantize_dynamic_int8
 from effvision.models.io import ModelSpec, load_model, save_model
 
-CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10" / "test"
+CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10"
 
 
-def real_images(n: int, size: int, mean, std) -> np.ndarray | None:
-    """n CIFAR-10 test images (equal per class), resized to size x size and normalized."""
-    if n <= 0 or not CIFAR.is_dir():
+def real_images(n: int, size: int, mean, std, split: str = "test") -> np.ndarray | None:
+    """n CIFAR-10 images of ``split`` (equal per class), resized to size x size and normalized."""
+    if n <= 0 or not (CIFAR / split).is_dir():
         return None
     from PIL import Image
 
-    classes = sorted(p for p in CIFAR.iterdir() if p.is_dir())
+    classes = sorted(p for p in (CIFAR / split).iterdir() if p.is_dir())
     files = [f for i in range(n) for f in [sorted(classes[i % len(classes)].iterdir())[i // len(classes)]]]
     m, s = np.array(mean, np.float32)[:, None, None], np.array(std, np.float32)[:, None, None]
     return np.stack([(np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC), np.float32)
@@ -67,7 +68,7 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], torch.n
     files = {"fp32 dynamo (plain export)": export_onnx(ref, tmp / "dynamo.onnx", shape, OnnxExportConfig())}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # exporters' progress lines
         warnings.simplefilter("ignore")
-        # before the fix: the dynamo exporter on timm's fused-attention path (its SDPA decomposition)
+        # before the fix: the dynamo exporter's own GELU decomposition
         sdpa = torch.onnx.export(ref, (torch.randn(2, *shape),), dynamo=True, opset_version=18,
                                  input_names=["input"], output_names=["logits"],
                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
@@ -75,12 +76,15 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], torch.n
         torch.onnx.export(ref, (torch.randn(2, *shape),), str(tmp / "ts.onnx"), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    files["fp32 dynamo, SDPA path (export before this fix)"] = tmp / "sdpa.onnx"
+    files["fp32 dynamo, exporter GELU (export before this fix)"] = tmp / "sdpa.onnx"
     files["fp32 torchscript exporter (plain)"] = tmp / "ts.onnx"
     export_deployable(tmp / "fp32", tmp / "fp32-ort", DeployConfig(target="ort-cpu"))
-    files["fp32 ort-cpu (fused Attention + ORT optimizer)"] = tmp / "fp32-ort" / "model.onnx"
-    g = torch.Generator().manual_seed(1)
-    calib = [(torch.randn(16, *shape, generator=g), None) for _ in range(4)]
+    files["fp32 ort-cpu export (ORT transformer optimizer)"] = tmp / "fp32-ort" / "model.onnx"
+    export_deployable(tmp / "fp32", tmp / "fp32-fa", DeployConfig(target="ort-cpu", ort_fused_attention=True))
+    files["fp32 ort-cpu, fused Attention + optimizer"] = tmp / "fp32-fa" / "model.onnx"
+    real = real_images(64, spec.img_size, spec.mean, spec.std, "train")  # calibrate as a recipe would
+    calib = ([(torch.from_numpy(t), None) for t in np.split(real, 4)] if real is not None else
+             [(torch.randn(16, *shape, generator=torch.Generator().manual_seed(1)), None) for _ in range(4)])
     for target in ("ort-cpu", "tensorrt"):
         model, _ = load_model(tmp / "fp32")
         quantize_(model.eval(), QuantConfig(target=target, calib_method="percentile", calib_batches=4,
@@ -90,7 +94,9 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], torch.n
         save_model(model, spec, d)
         if target == "ort-cpu":  # effvision's ort-cpu INT8 export: the chosen form
             export_deployable(d, d / "onnx", DeployConfig(target=target))
-            files["int8 ort-cpu export (dynamic, QAttention)"] = d / "onnx" / "model.onnx"
+            files["int8 ort-cpu export (dynamic, optimized graph)"] = d / "onnx" / "model.onnx"
+            export_deployable(d, d / "fa", DeployConfig(target=target, ort_fused_attention=True))
+            files["int8 dynamic, fused graph (QAttention)"] = d / "fa" / "model.onnx"
         export_deployable(d, d / "qdq", DeployConfig(target=target, ort_optimize=False))
         files[f"int8 QDQ {target} form ({'U8S8' if target == 'ort-cpu' else 'S8S8'})"] = d / "qdq" / "model.onnx"
     quantize_dynamic_int8(files["fp32 dynamo (plain export)"], tmp / "dyn-plain.onnx")
