@@ -48,17 +48,16 @@ class DeployConfig:
     # int8 step that later layers carry; ~2% measured on random-init ViTs (tiny logits).
     rel_tol: dict[str, float] = field(default_factory=lambda: {"fp16": 0.01, "int8": 0.05, "fp8": 0.05})
     tensorrt_check: str = "auto"           # auto: TensorRT's parser where it runs, else the offline list | parser | offline
-    # onnxruntime's graph (ort_optimize.py): fused Attention + the transformer optimizer's fusions,
-    # and INT8 as dynamic quantization of that graph. None: on for target ort-cpu (contrib ops
-    # only onnxruntime runs; OpenVINO and TensorRT read the standard QDQ graph).
-    ort_optimize: bool | None = None
-    # one com.microsoft.Attention per block (ort_attention.py): measured no faster than the
-    # optimizer's graph on deit_tiny and slower on the quickstart ViT (README), so opt-in
+    # target ort-cpu only (ort_optimize.py; figures in the README): onnxruntime's transformer
+    # optimizer on the fp32 graph (opt-in: not faster on deit_tiny at batch 32), and the INT8
+    # form: dynamic (onnxruntime's quantize_dynamic of the exported graph, measured fastest at
+    # batch 32 with the best agreement) or qdq (the calibrated QDQ graph; OpenVINO reads it)
+    ort_optimize: bool = False
+    ort_int8_form: str = "dynamic"
+    # with ort_optimize, one com.microsoft.Attention per block (ort_attention.py): fastest at
+    # batch 1 on deit_tiny, not at batch 32, slower on the quickstart ViT (README), so opt-in
     ort_fused_attention: bool = False
     int8_min_sqnr_db: float = 15.0         # ort-dynamic INT8 vs fp32 logits: a broken graph is ~0 dB
-
-    def optimize_for_ort(self) -> bool:
-        return self.target == "ort-cpu" if self.ort_optimize is None else self.ort_optimize
 
 
 def _precision(model_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
@@ -93,8 +92,10 @@ def preflight(model_dir: Path, out_dir: Path, cfg: DeployConfig) -> tuple[str, d
         if TARGET_PLATFORMS[cfg.target] is None:
             raise EffVisionError(f"--trt-check parser: target '{cfg.target}' is not a TensorRT target")
         require_tensorrt("--trt-check parser")
-    if cfg.ort_optimize and cfg.target != "ort-cpu":
+    if (cfg.ort_optimize or cfg.ort_fused_attention) and cfg.target != "ort-cpu":
         raise EffVisionError(f"ort_optimize writes onnxruntime contrib ops: it needs target ort-cpu, not '{cfg.target}'")
+    if cfg.ort_int8_form not in ("dynamic", "qdq"):
+        raise EffVisionError(f"unknown ort_int8_form '{cfg.ort_int8_form}' (available: dynamic, qdq)")
     if cfg.target == "jetpack5" and cfg.opset > 17:
         raise EffVisionError(f"target jetpack5 (TensorRT 8.5) reads opset <= 17, not {cfg.opset}")
     if quant is not None and (quant["target"] == "ort-cpu") != (cfg.target == "ort-cpu"):
@@ -202,14 +203,15 @@ def _ort_graph(model: nn.Module, tmp: Path, shape: tuple[int, ...], cfg: DeployC
     from .ort_attention import attention_translations, fused_attention
     from .ort_optimize import quantize_dynamic_int8, transformer_optimize
 
-    with fused_attention(model) if cfg.ort_fused_attention else contextlib.nullcontext(0) as fused:
+    with fused_attention(model) if cfg.ort_optimize and cfg.ort_fused_attention else contextlib.nullcontext(0) as fused:
         final = export_onnx(model, tmp / "raw.onnx", shape,
                             OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch),
                             translations={**translations, **attention_translations()})
     checks = {"export": parity(model, final, shape, cfg, "fp32")}  # vs timm's own forward
     record: dict[str, Any] = {"fused_attention_blocks": fused}
     passes = [("onnxslim", _slim)] if cfg.slim else []
-    for name, apply in passes + [("ort_transformer_optimizer", transformer_optimize)]:
+    passes += [("ort_transformer_optimizer", transformer_optimize)] if cfg.ort_optimize else []
+    for name, apply in passes:
         try:
             stats = apply(final, tmp / f"{name}.onnx")
             checks[name] = parity(model, tmp / f"{name}.onnx", shape, cfg, "fp32")
@@ -233,7 +235,8 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
     model, spec = load_model(model_dir)
     model.eval()
     shape = (spec.in_chans, spec.img_size, spec.img_size)
-    ort_form = cfg.optimize_for_ort() and (precision == "fp32" or (precision == "int8" and _float_copy_ok(model, quant)))
+    dynamic_int8 = cfg.target == "ort-cpu" and cfg.ort_int8_form == "dynamic" and precision == "int8"
+    ort_form = (cfg.ort_optimize and precision == "fp32") or (dynamic_int8 and _float_copy_ok(model, quant))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if ort_form:
@@ -249,13 +252,13 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
             info = {"format": "onnx", "precision": precision, "target": cfg.target, "opset": cfg.opset,
                     "model": spec.name, "source": str(model_dir), "quantization": quant,
                     **classifier_io(spec, tuple(shape), cfg.dynamic_batch), "parity": checks,
-                    "ort_optimize": ort_record}
+                    "ort_cpu": ort_record}
             write_manifest(out_dir, ["model.onnx"], info)
             last = "int8" if precision == "int8" else next(k for k in reversed(checks) if checks[k].get("kept", True))
             return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,
                     "opset": cfg.opset, "model": spec.name, "slimmed": "onnxslim" in checks and checks["onnxslim"].get("kept", True),
                     "parity": checks[last], "checks": checks,
-                    "ort_optimize": ort_record}
+                    "ort_cpu": ort_record}
         raw = export_onnx(model, tmp / "raw.onnx", shape,
                           OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch),
                           translations=onnx_translations(cfg.opset))
@@ -291,9 +294,9 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
     }
     if trt_check is not None:
         info["tensorrt_check"] = trt_check
-    if cfg.optimize_for_ort():
-        info["ort_optimize"] = {"used": False, "reason": f"{precision} with layers kept in float: the QDQ form"
-                                if precision == "int8" else f"not for {precision}"}
+    if dynamic_int8:
+        info["ort_cpu"] = {"int8": {"form": "qdq", "reason": "layers kept in float: dynamic quantization would "
+                                    "quantize every MatMul"}}
     write_manifest(out_dir, ["model.onnx"], info)
     kept = checks.get("onnxslim", {}).get("kept", True) and "onnxslim" in checks
     return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,

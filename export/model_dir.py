@@ -48,7 +48,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
         return export_deployable(model_dir, out_dir, DeployConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
                                                                   parity_batch_sizes=cfg.parity_batch_sizes,
                                                                   target=quant["target"],
-                                                                  ort_optimize=False if portable else None))
+                                                                  ort_int8_form="qdq" if portable else "dynamic"))
     out_dir = Path(out_dir)
     if (out_dir / ONNX_FILE).exists():
         raise EffVisionError(f"{out_dir / ONNX_FILE} exists already; choose another --out (nothing was overwritten)")

@@ -34,7 +34,6 @@ import torch
 import effvision.models  # noqa: F401
 from effvision.compress.quantize import QuantConfig, quant_spec, quantize_, write_quant_spec
 from effvision.export import DeployConfig, OnnxExportConfig, export_deployable, export_onnx
-from effvision.export.ort_optimize import quantize_dynamic_int8
 from effvision.models.io import ModelSpec, load_model, save_model
 
 CIFAR = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "cifar10"
@@ -78,9 +77,10 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], torch.n
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     files["fp32 dynamo, exporter GELU (export before this fix)"] = tmp / "sdpa.onnx"
     files["fp32 torchscript exporter (plain)"] = tmp / "ts.onnx"
-    export_deployable(tmp / "fp32", tmp / "fp32-ort", DeployConfig(target="ort-cpu"))
-    files["fp32 ort-cpu export (ORT transformer optimizer)"] = tmp / "fp32-ort" / "model.onnx"
-    export_deployable(tmp / "fp32", tmp / "fp32-fa", DeployConfig(target="ort-cpu", ort_fused_attention=True))
+    export_deployable(tmp / "fp32", tmp / "fp32-ort", DeployConfig(target="ort-cpu", ort_optimize=True))
+    files["fp32 ort-cpu, ORT transformer optimizer"] = tmp / "fp32-ort" / "model.onnx"
+    export_deployable(tmp / "fp32", tmp / "fp32-fa", DeployConfig(target="ort-cpu", ort_optimize=True,
+                                                                   ort_fused_attention=True))
     files["fp32 ort-cpu, fused Attention + optimizer"] = tmp / "fp32-fa" / "model.onnx"
     real = real_images(64, spec.img_size, spec.mean, spec.std, "train")  # calibrate as a recipe would
     calib = ([(torch.from_numpy(t), None) for t in np.split(real, 4)] if real is not None else
@@ -94,13 +94,13 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], torch.n
         save_model(model, spec, d)
         if target == "ort-cpu":  # effvision's ort-cpu INT8 export: the chosen form
             export_deployable(d, d / "onnx", DeployConfig(target=target))
-            files["int8 ort-cpu export (dynamic, optimized graph)"] = d / "onnx" / "model.onnx"
-            export_deployable(d, d / "fa", DeployConfig(target=target, ort_fused_attention=True))
+            files["int8 ort-cpu export (dynamic, plain graph)"] = d / "onnx" / "model.onnx"
+            export_deployable(d, d / "opt", DeployConfig(target=target, ort_optimize=True))
+            files["int8 dynamic, optimized graph"] = d / "opt" / "model.onnx"
+            export_deployable(d, d / "fa", DeployConfig(target=target, ort_optimize=True, ort_fused_attention=True))
             files["int8 dynamic, fused graph (QAttention)"] = d / "fa" / "model.onnx"
-        export_deployable(d, d / "qdq", DeployConfig(target=target, ort_optimize=False))
+        export_deployable(d, d / "qdq", DeployConfig(target=target, ort_int8_form="qdq"))
         files[f"int8 QDQ {target} form ({'U8S8' if target == 'ort-cpu' else 'S8S8'})"] = d / "qdq" / "model.onnx"
-    quantize_dynamic_int8(files["fp32 dynamo (plain export)"], tmp / "dyn-plain.onnx")
-    files["int8 quantize_dynamic of the plain graph"] = tmp / "dyn-plain.onnx"
     return files, ref, spec
 
 
