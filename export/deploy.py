@@ -197,9 +197,10 @@ def _int8_check(reference: nn.Module, path: Path, shape: tuple[int, ...], cfg: D
 
 def _ort_graph(model: nn.Module, tmp: Path, shape: tuple[int, ...], cfg: DeployConfig, int8: bool,
                translations: dict) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """The ort-cpu graph of a float ``model``: (opt-in) fused Attention, onnxslim, onnxruntime's transformer
-    optimizer (each pass kept only if fp32 parity still holds), then for INT8 dynamic quantization
-    of the optimized graph with its own check. Returns (file, checks, record for the manifest)."""
+    """The ort-cpu graph of a float ``model``: export (opt-in fused Attention), onnxslim, opt-in
+    onnxruntime's transformer optimizer (each pass kept only if fp32 parity still holds), then
+    for INT8 dynamic quantization of that graph with its own check. Returns (file, checks,
+    record for the manifest)."""
     from .ort_attention import attention_translations, fused_attention
     from .ort_optimize import quantize_dynamic_int8, transformer_optimize
 
@@ -255,10 +256,10 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
                     "ort_cpu": ort_record}
             write_manifest(out_dir, ["model.onnx"], info)
             last = "int8" if precision == "int8" else next(k for k in reversed(checks) if checks[k].get("kept", True))
+            slimmed = "onnxslim" in checks and checks["onnxslim"].get("kept", True)
             return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,
-                    "opset": cfg.opset, "model": spec.name, "slimmed": "onnxslim" in checks and checks["onnxslim"].get("kept", True),
-                    "parity": checks[last], "checks": checks,
-                    "ort_cpu": ort_record}
+                    "opset": cfg.opset, "model": spec.name, "slimmed": slimmed, "parity": checks[last],
+                    "checks": checks, "ort_cpu": ort_record}
         raw = export_onnx(model, tmp / "raw.onnx", shape,
                           OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch),
                           translations=onnx_translations(cfg.opset))

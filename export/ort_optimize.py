@@ -1,12 +1,11 @@
-"""The ort-cpu graph: onnxruntime's transformer optimizer on the exported fp32 graph, and INT8 as
-onnxruntime's dynamic quantization of that optimized graph (measured on 2 CPU cores: README,
-"Quantization and deployment export").
-
-Why dynamic and not effvision's calibrated QDQ for this target: it was faster than the QDQ
-forms on deit_tiny at batch 32 and kept the best agreement with fp32 on real images (its
-activation scales come from each batch; calibration on a few batches clipped real images).
-Each MatMul becomes MatMulInteger (onnxruntime fuses it into DynamicQuantizeMatMul); with
-fused attention, ``Attention`` becomes ``QAttention`` (int8 qkv projection inside the kernel).
+"""The ort-cpu graph: INT8 as onnxruntime's dynamic quantization of the exported fp32 graph
+(every MatMul, the attention matmuls q@k^T and attn@v included), and, opt-in, onnxruntime's
+transformer optimizer on the fp32 graph. Chosen by measurement on 2 CPU cores (README,
+"Quantization and deployment export"): the dynamic form was the fastest INT8 at batch 32 and
+agreed best with fp32 on real images (its activation scales come from each batch; scales
+calibrated on a few batches clip real images more). MatMulInteger fuses into
+DynamicQuantizeMatMul in the session; on a fused graph (ort_attention.py) ``Attention``
+becomes ``QAttention``.
 """
 from __future__ import annotations
 

@@ -4,12 +4,12 @@ back, so load on the machine hits all alike), at batch 32 and batch 1, with INT8
 and logit SQNR vs fp32 on real images (CIFAR-10 test images resized to the model's size).
 
 Graphs: fp32 as effvision's plain export writes it (dynamo exporter, GELU in onnxruntime's
-fusable order), as the dynamo exporter wrote it before (the exporter's own GELU), as the TorchScript exporter writes it, and effvision's ort-cpu
-graphs (onnxruntime's transformer optimizer, with and without one fused Attention op per block);
-INT8 as effvision's ort-cpu export (dynamic quantization of the optimized graph), the same on
-the fused graph (QAttention), effvision's calibrated QDQ graphs (ort-cpu U8S8 and tensorrt S8S8
-forms, calibrated on 64 CIFAR-10 training images) and onnxruntime's quantize_dynamic of the
-plain dynamo graph (MatMulInteger, no fusions).
+fusable order), as the dynamo exporter wrote it before (the exporter's own GELU), as the
+TorchScript exporter writes it, and with onnxruntime's transformer optimizer (ort_optimize),
+with and without one fused Attention op per block; INT8 as effvision's ort-cpu export
+(onnxruntime's dynamic quantization of the plain graph), the same on the optimized and on the
+fused graph (QAttention), and effvision's calibrated QDQ graphs (ort-cpu U8S8 and tensorrt
+S8S8 forms, calibrated on 64 CIFAR-10 training images).
 
     .venv/bin/python scripts/quant_cpu_figures.py [--model deit_tiny_patch16_224 | --model-dir DIR]
         [--rounds 7] [--images 256]
@@ -147,8 +147,9 @@ def main() -> None:
         agree = {}
         for k, s in sessions.items():
             o = np.concatenate([s.run(None, {"input": t})[0] for t in np.array_split(x, max(1, len(x) // 32))])
+            noise = max(float(((o - logits) ** 2).mean()), 1e-30)
             agree[k] = {"top1_agreement": round(float((o.argmax(1) == logits.argmax(1)).mean()), 4),
-                        "sqnr_db": round(float(10 * np.log10((logits ** 2).mean() / max(((o - logits) ** 2).mean(), 1e-30))), 1)}
+                        "sqnr_db": round(float(10 * np.log10((logits ** 2).mean() / noise)), 1)}
         out[f"vs PyTorch fp32 on {len(x)} CIFAR-10 test images at {spec.img_size}px"] = agree
     print(json.dumps(out, indent=2))
 
