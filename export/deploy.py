@@ -222,7 +222,10 @@ def _ort_graph(model: nn.Module, tmp: Path, shape: tuple[int, ...], cfg: DeployC
         except EffVisionError as e:  # keep the graph before this pass, say why
             checks[name] = {"kept": False, "reason": str(e)}
     if int8:
-        record["int8"] = quantize_dynamic_int8(final, tmp / "int8.onnx")
+        try:
+            record["int8"] = quantize_dynamic_int8(final, tmp / "int8.onnx")
+        except Exception as e:  # onnxruntime's quantizer raises many types; the caller falls back to QDQ
+            raise EffVisionError(f"onnxruntime's dynamic quantization failed: {str(e).strip().splitlines()[0]}") from None
         checks["int8"] = _int8_check(model, tmp / "int8.onnx", shape, cfg)
         final = tmp / "int8.onnx"
     return final, checks, record
@@ -240,14 +243,24 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
     ort_form = (cfg.ort_optimize and precision == "fp32") or (dynamic_int8 and _float_copy_ok(model, quant))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        fallback = None
         if ort_form:
             from effvision.compress.quantize.fake_quant import Quantizer
 
-            for q in model.modules():  # int8: the float model; the graph is quantized by onnxruntime
-                if isinstance(q, Quantizer):
-                    q.enabled = False
-            final, checks, ort_record = _ort_graph(model, tmp, shape, cfg, precision == "int8",
-                                                   onnx_translations(cfg.opset))
+            quantizers = [q for q in model.modules() if isinstance(q, Quantizer) and q.enabled]
+            for q in quantizers:  # int8: the float model; the graph is quantized by onnxruntime
+                q.enabled = False
+            try:
+                final, checks, ort_record = _ort_graph(model, tmp, shape, cfg, precision == "int8",
+                                                       onnx_translations(cfg.opset))
+            except EffVisionError as e:
+                if precision != "int8":
+                    raise
+                fallback = str(e)  # the calibrated QDQ form below, with the reason on record
+            finally:
+                for q in quantizers:
+                    q.enabled = True
+        if ort_form and fallback is None:
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.move(str(final), out_dir / "model.onnx")
             info = {"format": "onnx", "precision": precision, "target": cfg.target, "opset": cfg.opset,
@@ -296,8 +309,8 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
     if trt_check is not None:
         info["tensorrt_check"] = trt_check
     if dynamic_int8:
-        info["ort_cpu"] = {"int8": {"form": "qdq", "reason": "layers kept in float: dynamic quantization would "
-                                    "quantize every MatMul"}}
+        info["ort_cpu"] = {"int8": {"form": "qdq", "reason": fallback or "layers kept in float: dynamic "
+                                    "quantization would quantize every MatMul"}}
     write_manifest(out_dir, ["model.onnx"], info)
     kept = checks.get("onnxslim", {}).get("kept", True) and "onnxslim" in checks
     return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,
