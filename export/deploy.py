@@ -188,7 +188,7 @@ def _int8_check(reference: nn.Module, path: Path, shape: tuple[int, ...], cfg: D
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     sqnr = float(10 * np.log10((ref ** 2).mean() / max(float(((out - ref) ** 2).mean()), 1e-30)))
     result = {"sqnr_db_vs_fp32": sqnr, "top1_agreement_vs_fp32": float((out.argmax(1) == ref.argmax(1)).mean()),
-              "images": len(x), "min_sqnr_db": cfg.int8_min_sqnr_db}
+              "max_abs_error": float(np.abs(out - ref).max()), "images": len(x), "min_sqnr_db": cfg.int8_min_sqnr_db}
     if not sqnr >= cfg.int8_min_sqnr_db:
         raise ParityError(f"INT8 check failed for {path.name}: logit SQNR vs fp32 {sqnr:.1f} dB < "
                           f"{cfg.int8_min_sqnr_db:g} dB")
