@@ -96,7 +96,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     src = Path(args.run_dir)
     model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
     out = Path(args.out) if args.out else src / f"export-{args.format}-opset{args.opset}"
-    if args.format == "tensorrt" or args.precision != "auto" or args.target is not None or args.trt_check != "auto":
+    if (args.format == "tensorrt" or args.precision != "auto" or args.target is not None or args.trt_check != "auto"
+            or args.ort_optimize):
         from effvision.export.deploy_cli import export_for_target
 
         print(json.dumps(export_for_target(model_dir, out, args), indent=2))
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--trt-check", default="auto", choices=["auto", "parser", "offline"],
                    help="TensorRT check: its own ONNX parser (needs tensorrt and a GPU), the offline op list, "
                         "or auto (the parser where it runs)")
+    x.add_argument("--ort-optimize", choices=["optimizer", "fused-attention"],
+                   help="--target ort-cpu: onnxruntime's transformer optimizer on the graph, optionally with one "
+                        "fused Attention op per block (README: measured not faster at batch 32)")
     x.add_argument("--opset", type=int, default=18, help="ONNX opset")
     x.add_argument("--out", help="output folder (default: RUN_DIR/export-<format>-opset<N>)")
     x.add_argument("--static-batch", action="store_true", help="fix the batch axis to 1")

@@ -6,6 +6,7 @@ Every check runs on files in a temporary folder; only a graph that passed them a
 to the output folder, so bad input leaves nothing behind."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -47,6 +48,16 @@ class DeployConfig:
     # int8 step that later layers carry; ~2% measured on random-init ViTs (tiny logits).
     rel_tol: dict[str, float] = field(default_factory=lambda: {"fp16": 0.01, "int8": 0.05, "fp8": 0.05})
     tensorrt_check: str = "auto"           # auto: TensorRT's parser where it runs, else the offline list | parser | offline
+    # target ort-cpu only (ort_optimize.py; figures in the README): onnxruntime's transformer
+    # optimizer on the fp32 graph (opt-in: not faster on deit_tiny at batch 32), and the INT8
+    # form: dynamic (onnxruntime's quantize_dynamic of the exported graph, measured fastest at
+    # batch 32 with the best agreement) or qdq (the calibrated QDQ graph; OpenVINO reads it)
+    ort_optimize: bool = False
+    ort_int8_form: str = "dynamic"
+    # with ort_optimize, one com.microsoft.Attention per block (ort_attention.py): fastest at
+    # batch 1 on deit_tiny, not at batch 32, slower on the quickstart ViT (README), so opt-in
+    ort_fused_attention: bool = False
+    int8_min_sqnr_db: float = 15.0         # ort-dynamic INT8 vs fp32 logits: a broken graph is ~0 dB
 
 
 def _precision(model_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
@@ -81,6 +92,10 @@ def preflight(model_dir: Path, out_dir: Path, cfg: DeployConfig) -> tuple[str, d
         if TARGET_PLATFORMS[cfg.target] is None:
             raise EffVisionError(f"--trt-check parser: target '{cfg.target}' is not a TensorRT target")
         require_tensorrt("--trt-check parser")
+    if (cfg.ort_optimize or cfg.ort_fused_attention) and cfg.target != "ort-cpu":
+        raise EffVisionError(f"ort_optimize writes onnxruntime contrib ops: it needs target ort-cpu, not '{cfg.target}'")
+    if cfg.ort_int8_form not in ("dynamic", "qdq"):
+        raise EffVisionError(f"unknown ort_int8_form '{cfg.ort_int8_form}' (available: dynamic, qdq)")
     if cfg.target == "jetpack5" and cfg.opset > 17:
         raise EffVisionError(f"target jetpack5 (TensorRT 8.5) reads opset <= 17, not {cfg.opset}")
     if quant is not None and (quant["target"] == "ort-cpu") != (cfg.target == "ort-cpu"):
@@ -155,6 +170,67 @@ def _opset(path: Path) -> int:
     return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def _float_copy_ok(model: nn.Module, quant: dict | None) -> bool:
+    """The ort-dynamic INT8 form quantizes every MatMul; a model that kept Linear layers in float
+    (accuracy_budget fallback, int8_layers: measured, exclude) keeps its QDQ form instead."""
+    quantized = set(quant["modules"]) if quant else set()
+    return all(name in quantized for name, m in model.named_modules() if isinstance(m, nn.Linear))
+
+
+def _int8_check(reference: nn.Module, path: Path, shape: tuple[int, ...], cfg: DeployConfig) -> dict[str, Any]:
+    """ort-dynamic INT8 vs the float model: logit SQNR and top-1 agreement on random inputs (the
+    accuracy on real data is the eval stage's and the README's figure)."""
+    session = _session(path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, *shape, generator=g)
+    with torch.no_grad():
+        ref = reference(x).float().numpy()
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    sqnr = float(10 * np.log10((ref ** 2).mean() / max(float(((out - ref) ** 2).mean()), 1e-30)))
+    result = {"sqnr_db_vs_fp32": sqnr, "top1_agreement_vs_fp32": float((out.argmax(1) == ref.argmax(1)).mean()),
+              "max_abs_error": float(np.abs(out - ref).max()), "images": len(x), "min_sqnr_db": cfg.int8_min_sqnr_db}
+    if not sqnr >= cfg.int8_min_sqnr_db:
+        raise ParityError(f"INT8 check failed for {path.name}: logit SQNR vs fp32 {sqnr:.1f} dB < "
+                          f"{cfg.int8_min_sqnr_db:g} dB")
+    return result
+
+
+def _ort_graph(model: nn.Module, tmp: Path, shape: tuple[int, ...], cfg: DeployConfig, int8: bool,
+               translations: dict) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The ort-cpu graph of a float ``model``: export (opt-in fused Attention), onnxslim, opt-in
+    onnxruntime's transformer optimizer (each pass kept only if fp32 parity still holds), then
+    for INT8 dynamic quantization of that graph with its own check. Returns (file, checks,
+    record for the manifest)."""
+    from .ort_attention import attention_translations, fused_attention
+    from .ort_optimize import quantize_dynamic_int8, transformer_optimize
+
+    with fused_attention(model) if cfg.ort_optimize and cfg.ort_fused_attention else contextlib.nullcontext(0) as fused:
+        final = export_onnx(model, tmp / "raw.onnx", shape,
+                            OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch),
+                            translations={**translations, **attention_translations()})
+    checks = {"export": parity(model, final, shape, cfg, "fp32")}  # vs timm's own forward
+    record: dict[str, Any] = {"fused_attention_blocks": fused}
+    passes = [("onnxslim", _slim)] if cfg.slim else []
+    passes += [("ort_transformer_optimizer", transformer_optimize)] if cfg.ort_optimize else []
+    for name, apply in passes:
+        try:
+            stats = apply(final, tmp / f"{name}.onnx")
+            checks[name] = parity(model, tmp / f"{name}.onnx", shape, cfg, "fp32")
+            final = tmp / f"{name}.onnx"
+            if stats:
+                record["fused_ops"] = stats
+        except EffVisionError as e:  # keep the graph before this pass, say why
+            checks[name] = {"kept": False, "reason": str(e)}
+    if int8:
+        try:
+            record["int8"] = quantize_dynamic_int8(final, tmp / "int8.onnx")
+        except Exception as e:  # onnxruntime's quantizer raises many types; the caller falls back to QDQ
+            raise EffVisionError(f"onnxruntime's dynamic quantization failed: {str(e).strip().splitlines()[0]}") from None
+        checks["int8"] = _int8_check(model, tmp / "int8.onnx", shape, cfg)
+        final = tmp / "int8.onnx"
+    return final, checks, record
+
+
 def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployConfig) -> dict[str, Any]:
     from effvision.compress.quantize.qdq_op import onnx_translations
 
@@ -163,8 +239,40 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
     model, spec = load_model(model_dir)
     model.eval()
     shape = (spec.in_chans, spec.img_size, spec.img_size)
+    dynamic_int8 = cfg.target == "ort-cpu" and cfg.ort_int8_form == "dynamic" and precision == "int8"
+    ort_form = (cfg.ort_optimize and precision == "fp32") or (dynamic_int8 and _float_copy_ok(model, quant))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        fallback = None
+        if ort_form:
+            from effvision.compress.quantize.fake_quant import Quantizer
+
+            quantizers = [q for q in model.modules() if isinstance(q, Quantizer) and q.enabled]
+            for q in quantizers:  # int8: the float model; the graph is quantized by onnxruntime
+                q.enabled = False
+            try:
+                final, checks, ort_record = _ort_graph(model, tmp, shape, cfg, precision == "int8",
+                                                       onnx_translations(cfg.opset))
+            except EffVisionError as e:
+                if precision != "int8":
+                    raise
+                fallback = str(e)  # the calibrated QDQ form below, with the reason on record
+            finally:
+                for q in quantizers:
+                    q.enabled = True
+        if ort_form and fallback is None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(final), out_dir / "model.onnx")
+            info = {"format": "onnx", "precision": precision, "target": cfg.target, "opset": cfg.opset,
+                    "model": spec.name, "source": str(model_dir), "quantization": quant,
+                    **classifier_io(spec, tuple(shape), cfg.dynamic_batch), "parity": checks,
+                    "ort_cpu": ort_record}
+            write_manifest(out_dir, ["model.onnx"], info)
+            last = "int8" if precision == "int8" else next(k for k in reversed(checks) if checks[k].get("kept", True))
+            slimmed = "onnxslim" in checks and checks["onnxslim"].get("kept", True)
+            return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,
+                    "opset": cfg.opset, "model": spec.name, "slimmed": slimmed, "parity": checks[last],
+                    "checks": checks, "ort_cpu": ort_record}
         raw = export_onnx(model, tmp / "raw.onnx", shape,
                           OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch),
                           translations=onnx_translations(cfg.opset))
@@ -200,6 +308,9 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
     }
     if trt_check is not None:
         info["tensorrt_check"] = trt_check
+    if dynamic_int8:
+        info["ort_cpu"] = {"int8": {"form": "qdq", "reason": fallback or "layers kept in float: dynamic "
+                                    "quantization would quantize every MatMul"}}
     write_manifest(out_dir, ["model.onnx"], info)
     kept = checks.get("onnxslim", {}).get("kept", True) and "onnxslim" in checks
     return {"onnx": str(out_dir / "model.onnx"), "precision": precision, "target": cfg.target,

@@ -25,7 +25,9 @@ def export_for_target(model_dir: Path, out: Path, args: argparse.Namespace) -> d
         raise EffVisionError("--format tensorrt needs --target tensorrt or jetpack5, not ort-cpu")
     cfg = DeployConfig(opset=args.opset, target=target, precision=args.precision,
                        dynamic_batch=not args.static_batch, atol=args.atol,
-                       tensorrt_check=getattr(args, "trt_check", "auto"))
+                       tensorrt_check=getattr(args, "trt_check", "auto"),
+                       ort_optimize=getattr(args, "ort_optimize", None) is not None,
+                       ort_fused_attention=getattr(args, "ort_optimize", None) == "fused-attention")
     result = export_deployable(model_dir, out, cfg)
     if profile is not None:
         engine = build_engine(out / "model.onnx", manifest_of(out), profile)

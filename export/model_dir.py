@@ -16,16 +16,17 @@ ONNX_FILE = "model.onnx"
 
 
 def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExportConfig,
-                     fmt: str = "onnx") -> dict[str, Any]:
+                     fmt: str = "onnx", portable: bool = False) -> dict[str, Any]:
     """model dir -> out_dir/{model.onnx, manifest.json} (``openvino``: also model.xml/.bin from that
-    ONNX, parity-checked against onnxruntime); refuses to overwrite an existing export."""
+    ONNX, parity-checked against onnxruntime); refuses to overwrite an existing export.
+    ``portable``: standard ONNX only (a quantized ort-cpu model keeps its QDQ graph, no contrib ops)."""
     if fmt not in ("onnx", "openvino"):
         raise EffVisionError(f"unknown export format '{fmt}' (available: onnx, openvino)")
     if fmt == "openvino":
         from .openvino import require_openvino
 
         require_openvino()  # missing OpenVINO is an error before any work
-        result = export_model_dir(model_dir, out_dir, cfg, "onnx")
+        result = export_model_dir(model_dir, out_dir, cfg, "onnx", portable=True)  # OpenVINO reads standard ONNX
         _, spec = load_model(model_dir)
         from .openvino import add_openvino
         from effvision.compress.quantize import read_quant_spec
@@ -46,7 +47,8 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
 
         return export_deployable(model_dir, out_dir, DeployConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch,
                                                                   parity_batch_sizes=cfg.parity_batch_sizes,
-                                                                  target=quant["target"]))
+                                                                  target=quant["target"],
+                                                                  ort_int8_form="qdq" if portable else "dynamic"))
     out_dir = Path(out_dir)
     if (out_dir / ONNX_FILE).exists():
         raise EffVisionError(f"{out_dir / ONNX_FILE} exists already; choose another --out (nothing was overwritten)")

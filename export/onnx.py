@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,21 @@ class OnnxExportConfig:
         return [(h, w), (h + self.hw_multiple, w + 2 * self.hw_multiple)] if self.dynamic_hw else [(h, w)]
 
 
+def _gelu_onnx(x, approximate: str = "none"):
+    """GELU in the node order onnxruntime's Gelu/BiasGelu fusion matches, x * (1 + erf(x / sqrt2))
+    * 0.5. The exporter's own decomposition multiplies 0.5 into (1 + erf) first, a pattern
+    onnxruntime leaves as five elementwise ops per MLP: ~10% of deit_tiny's time at batch 32
+    (the TorchScript exporter's graph, which fuses, was that much faster)."""
+    from onnxscript import opset18 as op
+
+    if approximate == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): FastGelu's pattern
+        cube = op.Mul(op.Mul(op.Mul(x, x), x), op.CastLike(0.044715, x))
+        inner = op.Mul(op.Add(x, cube), op.CastLike(math.sqrt(2 / math.pi), x))
+        return op.Mul(op.Mul(x, op.CastLike(0.5, x)), op.Add(op.Tanh(inner), op.CastLike(1.0, x)))
+    erf = op.Erf(op.Div(x, op.CastLike(math.sqrt(2.0), x)))
+    return op.Mul(op.Mul(x, op.Add(erf, op.CastLike(1.0, x))), op.CastLike(0.5, x))
+
+
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig,
                 output_names: list[str] | None = None, translations: dict | None = None) -> Path:
     """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked.
@@ -72,7 +88,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=cfg.opset,
                                         input_names=["input"], output_names=output_names or ["logits"],
                                         dynamic_shapes=dynamic, external_data=False, verbose=False,
-                                        custom_translation_table=translations)
+                                        custom_translation_table={torch.ops.aten.gelu.default: _gelu_onnx,
+                                                                  **(translations or {})})
         except Exception as e:  # the exporter raises many types; the user needs the first line
             root = e.__cause__ or e
             if cfg.dynamic_hw:

@@ -186,7 +186,8 @@ def test_tensorrt_int8_export(tmp_path: Path) -> None:
 
 def test_ort_cpu_export_uses_uint8_activations(tmp_path: Path) -> None:
     d = _quantized_dir(tmp_path, target="ort-cpu")
-    export_deployable(d, tmp_path / "out", DeployConfig(target="ort-cpu"))
+    # the QDQ form (OpenVINO reads it; the default ort-cpu INT8 graph is onnxruntime's dynamic form)
+    export_deployable(d, tmp_path / "out", DeployConfig(target="ort-cpu", ort_int8_form="qdq"))
     m, inits, qdq_nodes = _qdq_nodes(tmp_path / "out" / "model.onnx")
     types = {inits[n.input[2]].data_type for n in qdq_nodes}
     assert TensorProto.UINT8 in types and TensorProto.INT8 in types  # uint8 activations, int8 weights
