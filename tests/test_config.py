@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from effvision.config import apply_overrides, load_yaml, parse
-from effvision.errors import ConfigError
+from effvision.errors import ConfigError, EffVisionError
 from effvision.recipe import Recipe, load_recipe, parse_recipe, recipe_to_dict
 
 # --------------------------------------------------------------------------------------
@@ -608,5 +608,5 @@ def test_a_run_made_before_a_new_option_still_resumes(tmp_path: Path) -> None:
     assert (run / "01-train" / "summary.json").read_text() == before
     changed = tiny_recipe(tmp_path / "r2.yaml", data={"limit_train": 128, "limit_eval": 64, "holdout": 16},
                           stages=[{"type": "train", "epochs": 1, "eval_every": 0}])
-    with pytest.raises(ConfigError, match="different recipe.*holdout"):
+    with pytest.raises(EffVisionError, match="different recipe.*holdout"):
         run_recipe(changed, run)
