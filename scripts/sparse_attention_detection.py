@@ -87,7 +87,7 @@ def main() -> None:
             density = density_report(sparsify_attention_(det.backbone, cfg, calib))["mean_density"]
         m = evaluate_coco(det, samples, torch.device("cpu"))
         rows.append({"recovery": recovery, "density": density, "map": m["bbox_mAP"], "map_50": m["bbox_mAP50"]})
-        print(f"kept mass {recovery:.2f}: block density {density:.3f}  mAP {m['map']:.4f}  mAP@0.5 {m['map_50']:.4f}",
+        print(f"kept mass {recovery:.2f}: block density {density:.3f}  mAP {m['bbox_mAP']:.4f}  mAP@0.5 {m['bbox_mAP50']:.4f}",
               flush=True)
     (a.out / "density.json").write_text(json.dumps({"size": a.size, "block": a.block, "epochs": a.epochs,
                                                     "init": str(a.init), "rows": rows}, indent=1))
