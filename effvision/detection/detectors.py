@@ -76,6 +76,10 @@ def build_detector(kind: str, backbone: DetectionBackbone, num_classes: int, *, 
                           **options)
     else:
         model = FCOS(backbone, num_classes, anchor_generator=anchors, detections_per_img=detections_per_img, **options)
+        # torchvision starts the box sides at ReLU(~0): zero-size boxes, whose GIoU gradient is zero,
+        # so under AdamW the ReLU dies within the first steps and never recovers (box loss stuck at
+        # 1.0, every box a point). Start each side at one stride (the codes are in stride units).
+        nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
     # One transform for all three: the backbone's normalisation, sides padded to its stride.
     model.transform = GeneralizedRCNNTransform(
         min_size, max_size, list(backbone.spec.mean), list(backbone.spec.std),
