@@ -1,12 +1,13 @@
 """Detection mAP against attention density: a ViTDet FCOS detector on COCO128 at a high token count
 (vit_micro_patch4_32 at 128x128 = 1,025 tokens), trained once by an effvision recipe, then its
 backbone's attention profiled on COCO128 images and swapped for per-head policies at kept mass
-1.0 / 0.99 / 0.95 / 0.9, without fine-tuning; COCO mAP of each (pycocotools; COCO128 is a pipeline
+1.0 / 0.99 / 0.95 / 0.9 (--recoveries), without fine-tuning; COCO mAP of each (pycocotools; COCO128 is a pipeline
 check: the detector is trained and evaluated on the same 128 images). Table on stdout, JSON and
-plot in --out.
+plot in --out (density-b<block>.json; map_vs_density.png over every block size run there); a rerun
+reuses the trained detector.
 
   .venv/bin/python scripts/sparse_attention_detection.py --init runs/cpu_bench/dense/01-train/model \
-      --out runs/sparse_attention_detection [--epochs 40] [--size 128] [--block 64]
+      --out runs/sparse_attention_detection [--epochs 40] [--size 128] [--block 64] [--recoveries 1 0.9 0.8]
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ import matplotlib
 import torch
 import yaml
 
-from effvision.attention import SparseAttentionConfig, density_report, sparsify_attention_
-from effvision.detection.data import CocoDataConfig, coco_samples, detection_loader
+from effvision.attention import SparseAttentionConfig, density_report
+from effvision.detection.data import CocoDataConfig, coco_samples
 from effvision.detection.evaluate import evaluate_coco
 from effvision.detection.io import load_detector
+from effvision.detection.sparse_attention import sparsify_detector_
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,20 +50,6 @@ def train(args: argparse.Namespace, out: Path) -> Path:
     return out / "run" / "01-train_detection" / "detector"
 
 
-def calibration_inputs(det: torch.nn.Module, samples, batches: int) -> list[torch.Tensor]:
-    """What the backbone sees (the detector's transform: normalized, resized to its fixed size)."""
-    seen: list[torch.Tensor] = []
-    handle = det.backbone.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-    det.eval()
-    with torch.no_grad():
-        for i, (images, _) in enumerate(detection_loader(samples, 8, shuffle=False)):
-            if i == batches:
-                break
-            det(images)
-    handle.remove()
-    return seen
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", type=Path, default=None, help="classifier model dir for the backbone (else random init)")
@@ -70,6 +58,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--calib-batches", type=int, default=2)
+    ap.add_argument("--recoveries", type=float, nargs="+", default=[1.0, 0.99, 0.95, 0.9],
+                    help="kept attention mass per variant (1.0: dense)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("runs/sparse_attention_detection"))
     a = ap.parse_args()
@@ -78,26 +68,34 @@ def main() -> None:
     detector_dir = train(a, a.out)
     samples, _ = coco_samples(CocoDataConfig(root=str(a.coco)), train=False)
     rows = []
-    for recovery in (1.0, 0.99, 0.95, 0.9):
+    for recovery in a.recoveries:
         det, _ = load_detector(detector_dir)
         density = 1.0
         if recovery < 1.0:
-            calib = calibration_inputs(det, samples, a.calib_batches)
-            cfg = SparseAttentionConfig(recovery=recovery, block=a.block)
-            density = density_report(sparsify_attention_(det.backbone, cfg, calib))["mean_density"]
+            cfg = SparseAttentionConfig(recovery=recovery, block=a.block, calib_batches=a.calib_batches)
+            density = density_report(sparsify_detector_(det, cfg, samples))["mean_density"]
         m = evaluate_coco(det, samples, torch.device("cpu"))
         rows.append({"recovery": recovery, "density": density, "map": m["bbox_mAP"], "map_50": m["bbox_mAP50"]})
         print(f"kept mass {recovery:.2f}: block density {density:.3f}  mAP {m['bbox_mAP']:.4f}  mAP@0.5 {m['bbox_mAP50']:.4f}",
               flush=True)
-    (a.out / "density.json").write_text(json.dumps({"size": a.size, "block": a.block, "epochs": a.epochs,
+    (a.out / f"density-b{a.block}.json").write_text(json.dumps({"size": a.size, "block": a.block, "epochs": a.epochs,
                                                     "init": str(a.init), "rows": rows}, indent=1))
-    plt.plot([r["density"] for r in rows], [r["map_50"] for r in rows], "o-")
-    for r in rows:
-        plt.annotate(f"{r['recovery']}", (r["density"], r["map_50"]))
-    plt.xlabel("mean attention block density (backbone)")
-    plt.ylabel("COCO128 mAP@0.5")
-    plt.savefig(a.out / "map_vs_density.png", dpi=120)
+    plot(a.out)
 
+
+def plot(out: Path) -> None:
+    """mAP against block density for every block size run into ``out`` (density-b*.json)."""
+    for path in sorted(out.glob("density-b*.json"), key=lambda p: json.loads(p.read_text())["block"]):
+        run = json.loads(path.read_text())
+        rows = run["rows"]
+        plt.plot([r["density"] for r in rows], [r["map"] for r in rows], "o-", label=f"block {run['block']}")
+        for r in rows:
+            plt.annotate(f"{r['recovery']}", (r["density"], r["map"]), fontsize=7)
+    plt.xlabel("mean attention block density (backbone; labels: kept mass)")
+    plt.ylabel("COCO128 bbox mAP")
+    plt.title("FCOS ViTDet vit_micro 128x128 (1,025 tokens), no fine-tuning")
+    plt.legend()
+    plt.savefig(out / "map_vs_density.png", dpi=120)
 
 if __name__ == "__main__":
     main()

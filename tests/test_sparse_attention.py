@@ -16,7 +16,7 @@ from effvision.attention.policies import Grid, block_cover, expand_blocks, polic
 from effvision.errors import ConfigError, EffVisionError
 from effvision.models.io import ModelSpec, create_model, load_model, save_model
 
-from conftest import cli, tiny_recipe
+from conftest import REPO, SHARED, cli, needs_shared, tiny_recipe
 
 
 def _model():
@@ -97,6 +97,45 @@ def test_sparse_attention_stage_in_a_recipe(tmp_path: Path) -> None:
     bad = tiny_recipe(tmp_path / "bad.yaml", stages=[{"type": "sparse_attention", "recovery": 2}])
     p = cli("run", str(bad), "--out", str(tmp_path / "bad"))
     assert p.returncode == 2 and "recovery" in p.stderr and not (tmp_path / "bad").exists()
+
+
+@needs_shared
+def test_sparse_attention_stage_on_a_detector(tmp_path: Path) -> None:
+    """recipes/detection_vit_sparse_attention.yaml at toy size: the detector's ViT backbone is
+    profiled at the detection grid (128x128 = 32x32 tokens) and saved with its policies; the next
+    stages reload exactly that sparse detector and export its backbone (parity-checked)."""
+    from effvision.detection.io import load_detector
+    from effvision.recipe import load_recipe
+    from effvision.stages.common import preflight
+
+    coco = SHARED / "datasets" / "coco128"
+    sets = ["device=cpu", "model.kwargs={depth: 2}", "stages.train_detection.epochs=1",
+            "stages.train_detection.warmup_steps=0", "stages.train_detection.out_channels=32",
+            "stages.train_detection.detector_options={score_thresh: 0.0}",  # an untrained detector's boxes, to compare
+            "stages.sparse_attention.calib_batches=1"]
+    for stage in ("train_detection", "sparse_attention", "eval_detection"):
+        sets += [f"stages.{stage}.data.root={coco}", f"stages.{stage}.data.limit_images=4",
+                 f"stages.{stage}.data.batch_size=2"]
+    run = tmp_path / "run"
+    p = cli("run", str(REPO / "recipes" / "detection_vit_sparse_attention.yaml"), "--out", str(run),
+            *[a for item in sets for a in ("--set", item)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads((run / "02-sparse_attention" / "summary.json").read_text())
+    assert 0 < summary["density"]["mean_density"] <= 1 and {"dense", "sparse"} <= set(summary)
+    det, spec = load_detector(run / "02-sparse_attention" / "detector")
+    assert spec.attention["grid"] == {"prefix": 1, "h": 32, "w": 32}
+    assert sum(isinstance(m, SparseAttention) for m in det.modules()) == 2
+    evaluated = json.loads((run / "03-eval_detection" / "summary.json").read_text())
+    assert evaluated["detector_dir"].endswith("02-sparse_attention/detector")
+    assert evaluated["detections"] == summary["sparse"]["detections"] > 0
+    exported = json.loads((run / "04-export_detection" / "summary.json").read_text())
+    assert exported["parity"]["max_abs_error"] <= 1e-3
+    manifest = json.loads(next(run.glob("04-export_detection/**/manifest.json")).read_text())
+    assert manifest["sparse_attention"]["kinds"]
+    # no detector to sparsify: refused by the run's preflight, before any run directory exists
+    bad = load_recipe(tiny_recipe(tmp_path / "bad.yaml", stages=[{"type": "sparse_attention", "data": {"root": str(coco)}}]))
+    with pytest.raises(ConfigError, match="stage 1 .* needs a train_detection stage before it"):
+        preflight(bad)
 
 
 def test_gpu_bench_section_runs_at_toy_size() -> None:

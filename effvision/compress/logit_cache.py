@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..io import cached_tensor, hash_files
 
 __all__ = ["teacher_logits", "CachedTeacher"]
 
@@ -43,34 +44,24 @@ def teacher_logits(teacher: nn.Module, teacher_files: Path | str, adapt: nn.Modu
                    device: torch.device, cache_dir: Path, is_main: bool = True) -> tuple[torch.Tensor, Path]:
     """(N, K) logits of ``teacher`` on the training set in index order, and the cache file.
     ``teacher_files``: the teacher's model dir (hashed) or its timm name."""
-    from safetensors.torch import load_file, save_file
-
-    from ..engine.distributed import barrier
-
     if not hasattr(loader, "labels_in_order") or not hasattr(loader, "last_indices"):
         raise ConfigError("distill.cache_logits needs the tensor loader (data.loader: tensor), which knows each "
                           "batch's sample indices")
     h = hashlib.sha256()
-    src = Path(teacher_files)
-    if src.is_dir():
-        for f in sorted(src.iterdir()):
-            if f.is_file():
-                h.update(f.name.encode() + f.read_bytes())
+    if Path(teacher_files).is_dir():
+        hash_files(h, teacher_files)
     else:
         h.update(str(teacher_files).encode())
     h.update(loader.labels_in_order().numpy().tobytes())
     h.update(repr(sorted((k, v.tolist()) for k, v in adapt.state_dict().items())).encode())
     h.update(repr(getattr(adapt, "size", None)).encode())
     path = Path(cache_dir) / f"logits-{h.hexdigest()[:16]}.safetensors"
-    if not path.is_file() and is_main:
-        logits = _compute(teacher, adapt, loader, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"logits": logits}, str(tmp), metadata={"teacher": str(teacher_files)})
-        tmp.replace(path)
+    fresh = not path.is_file()
+    logits = cached_tensor(path, "logits", lambda: _compute(teacher, adapt, loader, device), is_main=is_main,
+                           metadata={"teacher": str(teacher_files)})
+    if fresh and is_main:
         print(f"distill: cached teacher logits of {len(logits)} training images -> {path}")
-    barrier()
-    return load_file(str(path))["logits"], path
+    return logits, path
 
 
 class CachedTeacher(nn.Module):

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..io import cached_tensor, hash_files
 from .tensor_loader import step_seed
 
 if TYPE_CHECKING:
@@ -208,27 +209,18 @@ def _cached_scores(cfg: CurriculumConfig, loader: Any, student: "ModelSpec", dev
                    run_dir: Path, dist: "DistInfo | None", where: str) -> torch.Tensor:
     """Scores from ``run_dir/curriculum`` when the reference weights and the training set match, else
     computed (by rank 0) and cached there. The key hashes the reference's files and the training labels."""
-    from safetensors.torch import load_file, save_file
-
-    from ..engine.distributed import barrier
-
     ref = reference_model_dir(cfg.reference or "", where, run_dir)
-    cache_dir = Path(run_dir) / "curriculum"
     h = hashlib.sha256()
-    for f in sorted(ref.iterdir()):
-        if f.is_file():
-            h.update(f.name.encode() + f.read_bytes())
+    hash_files(h, ref)
     h.update(loader.labels_in_order().numpy().tobytes())
-    path = cache_dir / f"loss-{h.hexdigest()[:16]}.safetensors"
-    if not path.is_file() and (dist is None or dist.is_main):
-        scores = loss_scores(ref, loader.in_order(), student, device, where)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"loss": scores}, str(tmp), metadata={"reference": str(ref)})
-        tmp.replace(path)
+    path = Path(run_dir) / "curriculum" / f"loss-{h.hexdigest()[:16]}.safetensors"
+    fresh = not path.is_file()
+    is_main = dist is None or dist.is_main
+    scores = cached_tensor(path, "loss", lambda: loss_scores(ref, loader.in_order(), student, device, where),
+                           is_main=is_main, metadata={"reference": str(ref)})
+    if fresh and is_main:
         print(f"curriculum: scored {len(scores)} training samples with {ref} -> {path}")
-    barrier()
-    return load_file(str(path))["loss"]
+    return scores
 
 
 class CurriculumLoader:

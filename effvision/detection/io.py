@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from ..attention import apply_policies
 from ..errors import EffVisionError
 from ..io import atomic_write_text
 from ..models.io import WEIGHTS_FILE, ModelSpec, create_model, load_weights
@@ -34,6 +35,7 @@ class DetectorSpec:
     max_size: int = 853
     fixed_size: list[int] | None = None      # (H, W)
     options: dict[str, Any] = field(default_factory=dict)  # build_detector extras (representation_size, ...)
+    attention: dict[str, Any] | None = None  # the backbone's sparse-attention policies (sparse_attention stage)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -44,8 +46,11 @@ def build_from_spec(spec: DetectorSpec, trunk: nn.Module | None = None) -> nn.Mo
     trunk_spec = ModelSpec(**spec.backbone)
     body = make_backbone(trunk if trunk is not None else create_model(trunk_spec), spec=trunk_spec,
                          out_channels=spec.out_channels)
-    return build_detector(spec.kind, body, spec.num_classes, min_size=spec.min_size, max_size=spec.max_size,
-                          fixed_size=tuple(spec.fixed_size) if spec.fixed_size else None, **spec.options)
+    model = build_detector(spec.kind, body, spec.num_classes, min_size=spec.min_size, max_size=spec.max_size,
+                           fixed_size=tuple(spec.fixed_size) if spec.fixed_size else None, **spec.options)
+    if spec.attention is not None:
+        apply_policies(model.backbone, spec.attention)
+    return model
 
 
 def save_detector(model: nn.Module, spec: DetectorSpec, directory: str | Path) -> Path:

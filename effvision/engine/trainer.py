@@ -211,8 +211,15 @@ class Trainer:
             print(f"resuming at epoch {pos.epoch}, step {pos.step} ({pos.global_step}/{self.total_steps} updates)")
         self.train_module.train()
         # In a log file (no TTY) a redraw is a new line: redraw rarely there.
-        bar = tqdm(total=self.total_steps, initial=pos.global_step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0)
+        # Under budget_s the bar counts budget seconds (epochs is only an upper bound there, whose
+        # step count would put the ETA hours out); its postfix still shows img/s.
+        budget = self.cfg.budget_s
+        bar = tqdm(total=self.total_steps if budget is None else budget,
+                   initial=pos.global_step if budget is None else min(self.budget_used, budget),
+                   disable=not self.progress, unit="step" if budget is None else "s", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 15.0,
+                   bar_format=None if budget is None else "{l_bar}{bar}| {n:.0f}/{total:.0f} s of budget "
+                                                          "[{elapsed}<{remaining}{postfix}]")
         metrics: dict[str, Any] = {}
         try:
             for epoch in range(pos.epoch, self.cfg.epochs):
@@ -282,14 +289,15 @@ class Trainer:
                     torch.cuda.synchronize(self.device)  # the clock must see the step's work
                 now = self.timer()
                 # Every rank stops at the same step: rank 0's clock decides.
-                self.budget_used += float(broadcast_object(now - tick))
+                spent = float(broadcast_object(now - tick))
+                self.budget_used += spent
                 tick = now
             loss_sum += loss.detach()
             pos = TrainPosition(epoch, step + 1, pos.global_step + 1)
             window_images += len(y) * self.dist.world_size
             self.epoch_images += len(y) * self.dist.world_size
             window_steps += 1
-            bar.update(1)
+            bar.update(1 if self.cfg.budget_s is None else spent)
             if pos.global_step % self.cfg.log_every == 0 or step + 1 == self.steps_per_epoch:
                 # One host sync per window: the NaN check and the logged loss share it.
                 mean_loss = float(all_reduce_mean(loss_sum)) / window_steps
