@@ -297,7 +297,7 @@ class Trainer:
             window_images += len(y) * self.dist.world_size
             self.epoch_images += len(y) * self.dist.world_size
             window_steps += 1
-            bar.update(1 if self.cfg.budget_s is None else spent)
+            bar.update(1 if self.cfg.budget_s is None else min(spent, bar.total - bar.n))  # last step overshoots
             if pos.global_step % self.cfg.log_every == 0 or step + 1 == self.steps_per_epoch:
                 # One host sync per window: the NaN check and the logged loss share it.
                 mean_loss = float(all_reduce_mean(loss_sum)) / window_steps
