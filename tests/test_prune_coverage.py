@@ -31,6 +31,7 @@ ALL = {k: 0.3 for k in ("heads", "mlp", "width", "channels")}
 FAMILIES = [
     ("vit_micro_patch4_32", {}, 32),
     ("convvit_tiny_32", {"depth": 2}, 32),
+    ("convvit_tiny_32", {"depth": 2, "qk_norm": True}, 32),  # per-head q/k LayerNorms (the GPU recipes' setting)
     ("deit_tiny_patch16_224", {"img_size": 64, "depth": 2}, 64),
     ("deit_tiny_distilled_patch16_224", {"img_size": 64, "depth": 2}, 64),
     ("mobilenetv3_small_050", {}, 64),
@@ -59,7 +60,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="Unwrapped parameters")
 
 
-@pytest.mark.parametrize("name,kwargs,size", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("name,kwargs,size", FAMILIES,
+                         ids=[f[0] + ("-qk_norm" if f[1].get("qk_norm") else "") for f in FAMILIES])
 def test_prune_family(name: str, kwargs: dict, size: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
     spec = ModelSpec(name, kwargs=kwargs, num_classes=10, img_size=size)
@@ -75,6 +77,7 @@ def test_prune_family(name: str, kwargs: dict, size: int, tmp_path: Path) -> Non
     for a in (m for m in model.modules() if type(m) is Attention):
         assert a.fused_attn  # SDPA stays on
         assert a.qkv.out_features == 3 * a.num_heads * a.head_dim == 3 * a.attn_dim
+        assert (type(a.q_norm).__name__ == "LayerNorm") == bool(kwargs.get("qk_norm"))  # per-head norms kept
 
     # The spec alone rebuilds it: JSON of the changed sizes + safetensors, no pickle.
     spec.pruned = describe_pruned(model, dense)
@@ -141,6 +144,4 @@ def test_bad_prune_inputs_name_the_problem() -> None:
         prune_(model, PruneSpec(ratios={"mlp": 0.5}, criterion="taylor"), x)
     with pytest.raises(EffVisionError, match="nothing to prune"):
         prune_(timm.create_model("resnet18", num_classes=10), PruneSpec(ratios={"heads": 0.5}), torch.randn(2, 3, 64, 64))
-    with pytest.raises(EffVisionError, match="no handler covers vit_micro_patch4_32 with qk_norm"):
-        prune_(timm.create_model("vit_micro_patch4_32", qk_norm=True), PruneSpec(ratios={"mlp": 0.5}), x)
     assert model.embed_dim == 96  # the model was not touched

@@ -18,7 +18,8 @@ Kinds and their ratios: ``heads`` (timm Attention), ``mlp`` (hidden units of tim
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -142,10 +143,6 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
         asked = {k: r for k, r in spec.ratios.items() if r > 0}
         raise EffVisionError(f"no handler covers {_family(model)} for {asked or 'no ratio'}: nothing to prune "
                              f"(this model has {', '.join(k for k in KINDS if kinds[k]) or 'no prunable kind'})")
-    if any(not isinstance(a.q_norm, nn.Identity) for a in kinds["heads"]):
-        # Torch-Pruning 1.6.1 couples the per-head q/k norms to the qkv output (IndexError on any kind).
-        raise EffVisionError(f"no handler covers {_family(model)} with qk_norm (Torch-Pruning couples its per-head "
-                             f"norms to qkv); use the model without qk_norm")
     model.eval()
     with torch.no_grad():
         out_shape = model(example).shape
@@ -164,12 +161,13 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
     heads = {a.qkv: a.num_heads for a in kinds["heads"]}
     internal = _attention_internals(model, kinds["heads"])
     try:
-        pruner = tp.pruner.MetaPruner(
-            model, example, importance=importance, pruning_ratio=0.0, pruning_ratio_dict=ratio_dict,
-            iterative_steps=spec.steps, round_to=spec.round_to, num_heads=heads,
-            prune_num_heads=head_ratio > 0 or any(r > 0 for r in head_dict.values()), prune_head_dims=False,
-            head_pruning_ratio=head_ratio, head_pruning_ratio_dict=head_dict or None,
-            ignored_layers=[*_classifier(model), *ignored, *internal])
+        with _qk_norms_hidden(kinds["heads"]):
+            pruner = tp.pruner.MetaPruner(
+                model, example, importance=importance, pruning_ratio=0.0, pruning_ratio_dict=ratio_dict,
+                iterative_steps=spec.steps, round_to=spec.round_to, num_heads=heads,
+                prune_num_heads=head_ratio > 0 or any(r > 0 for r in head_dict.values()), prune_head_dims=False,
+                head_pruning_ratio=head_ratio, head_pruning_ratio_dict=head_dict or None,
+                ignored_layers=[*_classifier(model), *ignored, *internal])
         for step in range(spec.steps):
             if criterion.calibrate is not None:
                 model.train()
@@ -190,6 +188,22 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
         raise EffVisionError(f"no handler covers {_family(model)}: Torch-Pruning failed ({type(e).__name__}: "
                              f"{msg[:200]})") from None
     return model
+
+
+@contextmanager
+def _qk_norms_hidden(attentions: list[nn.Module]) -> Iterator[None]:
+    """Torch-Pruning 1.6.1 couples timm's per-head q/k norms (LayerNorm over head_dim) to the qkv
+    output channels and fails (IndexError) on any kind. Head pruning here never changes head_dim
+    (prune_head_dims=False), so those norms keep their size: hide them while it traces its
+    dependency graph, so it never plans to prune them, and put them back for the criteria and steps."""
+    saved = [(a, a.q_norm, a.k_norm) for a in attentions]
+    try:
+        for a, _, _ in saved:
+            a.q_norm, a.k_norm = nn.Identity(), nn.Identity()
+        yield
+    finally:
+        for a, q, k in saved:
+            a.q_norm, a.k_norm = q, k
 
 
 def _layer_modules(model: nn.Module, kinds: dict[str, list[nn.Module]], layers: dict[str, float]) -> dict[nn.Module, float]:
