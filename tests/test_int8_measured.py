@@ -103,8 +103,12 @@ def test_quantize_stage_measured_end_to_end(tmp_path: Path) -> None:
     manifest = json.loads((run / "03-export" / "manifest.json").read_text())
     assert manifest["quantization"]["int8_layers"]["groups"] == groups
     ops = [n.op_type for n in onnx.load(str(run / "03-export" / "model.onnx")).graph.node]
-    if "ort_cpu" in manifest:  # every Linear INT8: onnxruntime's dynamic form (one MatMulInteger per Linear)
+    # Which INT8 form the export wrote depends on what the timing chose: every Linear INT8 gives
+    # onnxruntime's dynamic form (one MatMulInteger per Linear), else the calibrated QDQ form (a Q/DQ
+    # pair per INT8 input and weight); the manifest says which.
+    form = manifest.get("ort_cpu", {}).get("int8", {}).get("form", "qdq")
+    if form == "ort-dynamic":
         assert ops.count("MatMulInteger") >= 9 and "QuantizeLinear" not in ops  # 2 blocks x 4 + head
-    else:  # some Linear layers stayed float: the calibrated QDQ form, a Q/DQ pair per INT8 input and weight
-        assert ops.count("QuantizeLinear") == 2 * len(quant["modules"])
+    else:
+        assert form == "qdq" and ops.count("QuantizeLinear") == 2 * len(quant["modules"])
     assert manifest["precision"] == ("int8" if quant["modules"] else "fp32")
