@@ -8,7 +8,6 @@ from the target's ONNX, or a ``.engine`` file, timed with CUDA events). Results 
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 import statistics
 import tempfile
@@ -23,7 +22,8 @@ import torch.nn as nn
 
 from .engine.evaluate import autocast
 from .errors import EffVisionError
-from .models.io import SPEC_FILE, load_model
+from .models.io import SPEC_FILE, load_model, read_spec
+from .models.modes import find_mode
 
 __all__ = ["benchmark", "roundrobin", "BACKENDS", "resolve_target"]
 
@@ -42,7 +42,7 @@ def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
     if path.is_dir():
         if (path / SPEC_FILE).is_file():
             return "model_dir", path, None
-        from .stages.base import stage_dirs
+        from .engine.stage import stage_dirs
 
         stages = stage_dirs(path)
         model_dir = next((d / "model" for d in stages if (d / "model" / SPEC_FILE).is_file()), None)
@@ -116,8 +116,6 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
     result: dict[str, Any] = {"target": target, "backend": backend, "device": str(dev), "batch_size": batch_size,
                               "warmup": warmup, "iters": iters, "threads": torch.get_num_threads()}
     if backend in ("ort-int8", "openvino-int8"):
-        from .compress.quantize.bench import quantized_onnx
-
         onnx_path, tmp_int8 = quantized_onnx(target, model_dir)
         with tmp_int8:
             times, shape = _bench_ort(target, kind, model_dir, onnx_path, img_size, batch_size, warmup, iters, dev,
@@ -239,14 +237,9 @@ def _bench_trt(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        if onnx_path is None and model_dir is not None:
-            from .compress.quantize import read_quant_spec
-
-            if read_quant_spec(model_dir) is not None:
-                from .compress.quantize.bench import quantized_onnx
-
-                onnx_path, tmp_int8 = quantized_onnx(target, model_dir)
-                stack.enter_context(tmp_int8)
+        if onnx_path is None and model_dir is not None and _quantization(model_dir) is not None:
+            onnx_path, tmp_int8 = quantized_onnx(target, model_dir)
+            stack.enter_context(tmp_int8)
         if onnx_path is None:
             onnx_path = _export_fp32(target, kind, model_dir, img_size, tmp)
         import onnxruntime as ort
@@ -270,11 +263,23 @@ def _bench_trt_engine(path: Path, batch_size: int, warmup: int, iters: int) -> t
     return engine.time(x, warmup, iters), shape
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
+def _quantization(model_dir: Path) -> dict[str, Any] | None:
+    """The ``quantize`` entry's config of a model dir's record (precision, target), or None."""
+    entry = find_mode(read_spec(model_dir).modes, "quantize")
+    return None if entry is None else entry["config"]
+
+
+def quantized_onnx(target: str, model_dir: Path | None) -> tuple[Path, tempfile.TemporaryDirectory]:
+    """The ``*-int8`` backends' graph: a quantized model's QDQ ONNX for its own target, exported
+    (with all checks) into a temporary folder."""
+    quant = _quantization(model_dir) if model_dir is not None else None
+    if quant is None:
+        raise EffVisionError(f"backend ort-int8 needs a quantized model; {target}'s newest model is not "
+                             f"(add a 'quantize' stage, or bench an int8 .onnx with backend ort)")
+    from effvision.export import DeployConfig, export_deployable
+
+    tmp = tempfile.TemporaryDirectory()
+    out = Path(tmp.name) / "int8"
+    export_deployable(model_dir, out, DeployConfig(target=quant["target"],
+                                                   opset=19 if quant["precision"] == "fp8" else 18))
+    return out / "model.onnx", tmp

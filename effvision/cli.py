@@ -1,4 +1,4 @@
-"""The effvision command line: run, eval, export, bench, models, and prune/quantize for a model dir.
+"""The effvision command line: run, check, eval, export, bench, models, and prune/quantize for a model dir.
 
 Bad input (recipe, model, dataset, checkpoint, NaN loss, ...) prints one line and exits with
 code 2; --debug shows the traceback instead.
@@ -60,6 +60,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                                            args.device), args)
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .stability import probe_stability
+
+    report = probe_stability(args.recipe, args.set, args.steps, args.batch_size, args.amp)
+    for k, v in report.summary().items():
+        print(f"{k}: {v}")
+    return 1 if report.problems else 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from .one_stage import model_dir_recipe
 
@@ -70,7 +79,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _newest_model_dir(run_dir: Path) -> Path:
-    from .stages.base import stage_dirs
+    from .engine.stage import stage_dirs
 
     for d in stage_dirs(run_dir):
         if (d / "model" / "model.json").is_file():
@@ -80,7 +89,7 @@ def _newest_model_dir(run_dir: Path) -> Path:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import load_run_recipe
-    from .stages.common import resolve_device
+    from .engine.stage import resolve_device
     from .stages.evaluate import evaluate_model_dir
 
     run_dir = Path(args.run_dir)
@@ -160,8 +169,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _bench_models(names: list[str], args: argparse.Namespace) -> int:
-    from .bench import cpu_name
-    from .models.speed import bench_models, speed_markdown, write_speed_table
+    from .runinfo import cpu_name
+    from .speed import bench_models, speed_markdown, write_speed_table
 
     if args.bench == "cuda":
         import torch
@@ -199,6 +208,12 @@ EXAMPLES = {
   effvision run recipes/quickstart.yaml --set stages.train.epochs=5 --set data.batch_size=64
   effvision run recipes/quickstart.yaml --out runs/quick --resume     # continue an interrupted stage
   torchrun --nproc_per_node 2 -m effvision run recipes/quickstart.yaml # DDP""",
+    "check": """A few bf16 training steps of the recipe's model on a CPU slice of its data, at the recipe's
+peak learning rate: exit 1 when the loss, gradients or attention logits blow up (run it before a
+GPU call is spent on the recipe).
+examples:
+  effvision check recipes/cifar10_vit_tiny.yaml --set data.root=../shared/datasets/cifar10
+  effvision check recipes/quickstart.yaml --steps 40""",
     "eval": """examples:
   effvision eval runs/quick
   effvision eval runs/quick --tta-flip""",
@@ -238,6 +253,10 @@ def _sub(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .compress.importance import CRITERIA
+    from .compress.prune import PruneSpec
+    from .compress.quantize.config import QuantConfig
+    from .config import field_choices, field_default
 
     p = argparse.ArgumentParser(prog="effvision", description="Train, compress, export and benchmark vision models.",
                                 epilog="`effvision COMMAND --help` shows each command's options and examples.",
@@ -253,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. stages.train.epochs=5 or data.batch_size=64")
     r.add_argument("--resume", action="store_true", help="continue an interrupted stage")
     r.set_defaults(fn=_cmd_run)
+
+    k = _sub(sub, "check", "check a recipe's training stability on the CPU before a GPU run")
+    k.add_argument("recipe", help="recipe YAML file")
+    k.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    k.add_argument("--steps", type=int, default=20, help="training steps")
+    k.add_argument("--batch-size", type=int, default=16, help="images per step")
+    k.add_argument("--amp", choices=("bf16", "off"), default="bf16", help="autocast as on the GPU (bf16) or off")
+    k.set_defaults(fn=_cmd_check)
 
     e = _sub(sub, "eval", "evaluate a run's newest model on its recipe's eval split")
     e.add_argument("run_dir", help="a run directory made by `effvision run`")
@@ -318,15 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
             for kind, what in (("ratio", "every kind"), ("heads", "attention heads"), ("mlp", "MLP hidden units"),
                                ("width", "ViT embedding width"), ("channels", "conv/linear channels elsewhere")):
                 c.add_argument(f"--{kind}", type=float, help=f"fraction of {what} removed, in (0, 1)")
-            c.add_argument("--criterion", default="l2", choices=["l1", "l2", "random", "taylor", "obd"],
+            c.add_argument("--criterion", default=field_default(PruneSpec, "criterion"), choices=list(CRITERIA),
                            help="importance ranking (taylor and obd use the data)")
             c.add_argument("--finetune-epochs", type=int, default=0,
                            help="then fine-tune this many epochs, distilled from the unpruned model")
         else:
-            c.add_argument("--precision", default="int8", choices=["int8", "fp8"], help="quantized format")
-            c.add_argument("--target", default="ort-cpu", choices=["ort-cpu", "tensorrt"],
-                           help="runtime the QDQ graph is laid out for")
-            c.add_argument("--calib-batches", type=int, default=8, help="training batches to calibrate on")
+            c.add_argument("--precision", default=field_default(QuantConfig, "precision"),
+                           choices=field_choices(QuantConfig, "precision"), help="quantized format")
+            c.add_argument("--target", default=field_default(QuantConfig, "target"),
+                           choices=field_choices(QuantConfig, "target"),
+                           help="runtime the QDQ graph is laid out for (ort-cpu: onnxruntime on CPUs)")
+            c.add_argument("--calib-batches", type=int, default=field_default(QuantConfig, "calib_batches"),
+                           help="training batches to calibrate on")
         c.set_defaults(fn=fn)
 
     h = _sub(sub, "push", "upload a model to the Hugging Face Hub (timm's hub layout + model card)")

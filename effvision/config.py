@@ -18,7 +18,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["parse", "to_dict", "load_yaml", "apply_overrides"]
+__all__ = ["parse", "to_dict", "load_yaml", "apply_overrides", "field_default", "field_choices"]
 
 
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:
@@ -114,6 +114,21 @@ def parse(cls: type, data: Any, where: str = "") -> Any:
     return obj
 
 
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name``: CLI flags and API defaults read it, so the
+    recipe, the API and the command line agree."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def field_choices(cls: type, name: str) -> list[Any]:
+    """The values a ``Literal`` field of dataclass ``cls`` takes (for CLI choices)."""
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) is not Literal:
+        raise TypeError(f"{cls.__name__}.{name} is not a Literal field")
+    return list(typing.get_args(tp))
+
+
 def _join(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
 
@@ -138,12 +153,12 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not a text (UTF-8) file: byte {e.start} cannot be decoded; "
-                          f"a recipe is a YAML file") from None
+                          f"a recipe is a YAML file") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"malformed YAML in {path}{pos}: {problem}") from None
+        raise ConfigError(f"malformed YAML in {path}{pos}: {problem}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     return data

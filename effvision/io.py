@@ -1,18 +1,15 @@
-"""Small file helpers: atomic writes, JSON lines, tensors cached on disk under a content hash."""
+"""Small file helpers: atomic writes, JSON lines, content hashes of a folder."""
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import hashlib
 
-    import torch
-
-__all__ = ["atomic_write_text", "atomic_write_json", "append_jsonl", "hash_files", "cached_tensor"]
+__all__ = ["atomic_write_text", "atomic_write_json", "append_jsonl", "hash_files"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -40,22 +37,3 @@ def hash_files(h: "hashlib._Hash", directory: str | Path) -> None:
     for f in sorted(Path(directory).iterdir()):
         if f.is_file():
             h.update(f.name.encode() + f.read_bytes())
-
-
-def cached_tensor(path: Path, name: str, compute: Callable[[], "torch.Tensor"], *, is_main: bool = True,
-                  metadata: dict[str, str] | None = None) -> "torch.Tensor":
-    """Tensor ``name`` stored in ``path`` (safetensors; name it by a hash of what it depends on); when
-    absent, rank 0 computes and writes it (temp file, then rename) and every rank reads it after
-    a barrier, so all ranks hold the same values."""
-    from safetensors.torch import load_file, save_file
-
-    from .engine.distributed import barrier
-
-    if not path.is_file() and is_main:
-        value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({name: value}, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    barrier()
-    return load_file(str(path))[name]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EffVisionError
-from .models.io import SPEC_FILE, ModelSpec
+from .models.io import SPEC_FILE, read_spec
 
 __all__ = ["model_dir_recipe"]
 
@@ -20,7 +20,7 @@ def model_dir_recipe(model_dir: str | Path, stages: list[dict[str, Any]], data: 
     if not (model_dir / SPEC_FILE).is_file():
         raise EffVisionError(f"no model in {model_dir} (expected {SPEC_FILE}; a `model` folder of a run, "
                              f"or one saved with effvision.save)")
-    spec = ModelSpec.from_json((model_dir / SPEC_FILE).read_text(encoding="utf-8"))
+    spec = read_spec(model_dir)
     data_cfg: dict[str, Any] = {"name": data, "img_size": spec.img_size, "batch_size": batch_size,
                                 "mean": list(spec.mean), "std": list(spec.std)}
     if data_root is not None:

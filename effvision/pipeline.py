@@ -23,9 +23,8 @@ from .errors import ConfigError, EffVisionError
 from .io import atomic_write_json, atomic_write_text
 from .recipe import Recipe, parse_recipe, recipe_to_dict
 from .runinfo import run_environment
-from .stages import STAGES, SUMMARY_FILE, StageContext
-from .stages.base import stage_dirs
-from .stages.common import preflight, resolve_device
+from .engine.stage import resolve_device
+from .stages import SUMMARY_FILE, StageContext, preflight, stage_dirs, stage_types
 
 __all__ = ["run_recipe", "RECIPE_FILE", "load_run_recipe"]
 
@@ -74,8 +73,9 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, overrides
             torch.use_deterministic_algorithms(True)
         # Rank 0 alone reads and changes the run directory; the others follow its decisions.
         _on_main(dist, lambda: _prepare_run_dir(run_dir, resolved))
+        stages = stage_types()
         for index, cfg in enumerate(recipe.stages, start=1):
-            stage_cls = STAGES[cfg.type]
+            stage_cls = stages[cfg.type]
             stage_dir = run_dir / f"{index:02d}-{cfg.type}"
             action = _on_main(dist, lambda: _prepare_stage_dir(stage_dir, run_dir, stage_cls.resumable, resume))
             if action == "skip":

@@ -38,8 +38,9 @@ class Recipe:
 
 
 def parse_recipe(data: dict[str, Any]) -> Recipe:
-    from .stages import STAGES
+    from .stages import stage_types
 
+    STAGES = stage_types()
     data = dict(data)
     raw_stages = data.pop("stages", None)
     recipe = parse(Recipe, data)
@@ -54,7 +55,7 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
             close = difflib.get_close_matches(str(kind), list(STAGES), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(STAGES)}"
             raise ConfigError(f"{where}.type: unknown stage '{kind}'{hint}")
-        recipe.stages.append(parse(STAGES[kind].Config, raw, where))
+        recipe.stages.append(parse(STAGES[kind].config_class(), raw, where))
     return recipe
 
 

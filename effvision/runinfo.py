@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["run_environment", "git_sha"]
+__all__ = ["run_environment", "git_sha", "cpu_name"]
 
 
 def git_sha(cwd: Path | None = None) -> str | None:
@@ -25,8 +25,17 @@ def git_sha(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
 def run_environment() -> dict[str, Any]:
-    from effvision.bench import cpu_name
     from effvision.export.manifest import package_versions
 
     hw: dict[str, Any] = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -1,5 +1,5 @@
 """Deployable ONNX for every precision: fp32, fp16, int8 QDQ and fp8 QDQ (from a model that
-effvision.compress.quantize calibrated), with parity in onnxruntime, an onnxslim pass with a
+effvision.compress.quantize calibrated: its quantization read through ``export.hooks``), with parity in onnxruntime, an onnxslim pass with a
 second parity check, the TensorRT compatibility check, and a manifest with checksums.
 
 Every check runs on files in a temporary folder; only a graph that passed them all is moved
@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 
 from effvision.errors import EffVisionError
-from effvision.models.io import load_model
+from effvision.models.io import load_model, read_spec
+
+from .hooks import float_view, quantization_of
 
 from .manifest import classifier_io, write_manifest
 from .onnx import OnnxExportConfig, ParityError, export_onnx
@@ -61,9 +63,7 @@ class DeployConfig:
 
 
 def _precision(model_dir: Path, cfg: DeployConfig) -> tuple[str, dict | None]:
-    from effvision.compress.quantize import read_quant_spec
-
-    quant = read_quant_spec(model_dir)
+    quant = quantization_of(read_spec(model_dir))
     if cfg.precision not in PRECISIONS:
         raise EffVisionError(f"unknown precision '{cfg.precision}' (available: {', '.join(PRECISIONS)})")
     if cfg.target not in TARGET_PLATFORMS:
@@ -113,7 +113,7 @@ def _session(path: Path, optimize: bool = True):
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own types; its message names the node
-        raise EffVisionError(f"onnxruntime cannot run the exported graph: {str(e).strip().splitlines()[0]}") from None
+        raise EffVisionError(f"onnxruntime cannot run the exported graph: {str(e).strip().splitlines()[0]}") from e
 
 
 def _compare(model: nn.Module, session, shape: tuple[int, ...], sizes: list[int]) -> dict[str, Any]:
@@ -195,8 +195,8 @@ def _int8_check(reference: nn.Module, path: Path, shape: tuple[int, ...], cfg: D
     return result
 
 
-def _ort_graph(model: nn.Module, tmp: Path, shape: tuple[int, ...], cfg: DeployConfig, int8: bool,
-               translations: dict) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+def _ort_graph(model: nn.Module, tmp: Path, shape: tuple[int, ...], cfg: DeployConfig, int8: bool
+               ) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """The ort-cpu graph of a float ``model``: export (opt-in fused Attention), onnxslim, opt-in
     onnxruntime's transformer optimizer (each pass kept only if fp32 parity still holds), then
     for INT8 dynamic quantization of that graph with its own check. Returns (file, checks,
@@ -207,7 +207,7 @@ def _ort_graph(model: nn.Module, tmp: Path, shape: tuple[int, ...], cfg: DeployC
     with fused_attention(model) if cfg.ort_optimize and cfg.ort_fused_attention else contextlib.nullcontext(0) as fused:
         final = export_onnx(model, tmp / "raw.onnx", shape,
                             OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch),
-                            translations={**translations, **attention_translations()})
+                            translations=attention_translations())
     checks = {"export": parity(model, final, shape, cfg, "fp32")}  # vs timm's own forward
     record: dict[str, Any] = {"fused_attention_blocks": fused}
     passes = [("onnxslim", _slim)] if cfg.slim else []
@@ -225,15 +225,13 @@ def _ort_graph(model: nn.Module, tmp: Path, shape: tuple[int, ...], cfg: DeployC
         try:
             record["int8"] = quantize_dynamic_int8(final, tmp / "int8.onnx")
         except Exception as e:  # onnxruntime's quantizer raises many types; the caller falls back to QDQ
-            raise EffVisionError(f"onnxruntime's dynamic quantization failed: {str(e).strip().splitlines()[0]}") from None
+            raise EffVisionError(f"onnxruntime's dynamic quantization failed: {str(e).strip().splitlines()[0]}") from e
         checks["int8"] = _int8_check(model, tmp / "int8.onnx", shape, cfg)
         final = tmp / "int8.onnx"
     return final, checks, record
 
 
 def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployConfig) -> dict[str, Any]:
-    from effvision.compress.quantize.qdq_op import onnx_translations
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     precision, quant = preflight(model_dir, out_dir, cfg)
     model, spec = load_model(model_dir)
@@ -245,21 +243,13 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
         tmp = Path(tmp_name)
         fallback = None
         if ort_form:
-            from effvision.compress.quantize.fake_quant import Quantizer
-
-            quantizers = [q for q in model.modules() if isinstance(q, Quantizer) and q.enabled]
-            for q in quantizers:  # int8: the float model; the graph is quantized by onnxruntime
-                q.enabled = False
             try:
-                final, checks, ort_record = _ort_graph(model, tmp, shape, cfg, precision == "int8",
-                                                       onnx_translations(cfg.opset))
+                with float_view(model):  # int8: the float model; the graph is quantized by onnxruntime
+                    final, checks, ort_record = _ort_graph(model, tmp, shape, cfg, precision == "int8")
             except EffVisionError as e:
                 if precision != "int8":
                     raise
                 fallback = str(e)  # the calibrated QDQ form below, with the reason on record
-            finally:
-                for q in quantizers:
-                    q.enabled = True
         if ort_form and fallback is None:
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.move(str(final), out_dir / "model.onnx")
@@ -274,8 +264,7 @@ def export_deployable(model_dir: str | Path, out_dir: str | Path, cfg: DeployCon
                     "opset": cfg.opset, "model": spec.name, "slimmed": slimmed, "parity": checks[last],
                     "checks": checks, "ort_cpu": ort_record}
         raw = export_onnx(model, tmp / "raw.onnx", shape,
-                          OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch),
-                          translations=onnx_translations(cfg.opset))
+                          OnnxExportConfig(opset=cfg.opset, dynamic_batch=cfg.dynamic_batch))
         if _opset(raw) != cfg.opset:
             raise EffVisionError(f"the exporter could not write opset {cfg.opset} for this model (it kept "
                                  f"{_opset(raw)}); choose opset >= {_opset(raw)} or a target that reads it")

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from effvision.compress.quantize import read_quant_spec
+from effvision.models.io import read_spec
 
 from .deploy import DeployConfig, export_deployable
+from .hooks import quantization_of
 from .tensorrt_engine import build_engine, manifest_of, parse_profile
 
 __all__ = ["export_for_target"]
@@ -17,7 +18,7 @@ __all__ = ["export_for_target"]
 
 def export_for_target(model_dir: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     profile = parse_profile(args.profile) if args.format == "tensorrt" else None  # bad input before work
-    quant = read_quant_spec(model_dir)
+    quant = quantization_of(read_spec(model_dir))
     target = args.target or (quant["target"] if quant else "tensorrt")
     if args.format == "tensorrt" and target == "ort-cpu":
         from effvision.errors import EffVisionError

@@ -5,7 +5,9 @@ from pathlib import Path
 from typing import Any
 
 from effvision.errors import EffVisionError
-from effvision.models.io import load_model
+from effvision.models.io import load_model, read_spec
+
+from .hooks import manifest_sections, quantization_of
 
 from .manifest import classifier_io, write_manifest
 from .onnx import OnnxExportConfig, check_parity, export_onnx
@@ -27,11 +29,10 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
 
         require_openvino()  # missing OpenVINO is an error before any work
         result = export_model_dir(model_dir, out_dir, cfg, "onnx", portable=True)  # OpenVINO reads standard ONNX
-        _, spec = load_model(model_dir)
         from .openvino import add_openvino
-        from effvision.compress.quantize import read_quant_spec
 
-        int8 = read_quant_spec(model_dir) is not None
+        spec = read_spec(model_dir)
+        int8 = quantization_of(spec) is not None
         try:
             result.update(add_openvino(out_dir, (spec.in_chans, spec.img_size, spec.img_size),
                                        cfg.parity_batch_sizes, cfg.atol, int8))
@@ -39,9 +40,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
             Path(out_dir, ONNX_FILE).replace(Path(out_dir, ONNX_FILE + ".failed-openvino"))
             raise
         return result
-    from effvision.compress.quantize import read_quant_spec
-
-    quant = read_quant_spec(model_dir)
+    quant = quantization_of(read_spec(model_dir))
     if quant is not None:  # quantized: QDQ ONNX for its target, with that target's checks
         from .deploy import DeployConfig, export_deployable
 
@@ -68,10 +67,6 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, cfg: OnnxExport
     if cfg.dynamic_hw:
         info["input"]["shape"][2:] = [f"height (multiple of {cfg.hw_multiple})", f"width (multiple of {cfg.hw_multiple})"]
         info["parity"]["sizes"] = cfg.parity_sizes(shape)
-    from effvision.attention import export_summary
-
-    sparse = export_summary(model)  # sparse attention (issue 12): per policy kind, the export form
-    if sparse is not None:
-        info["sparse_attention"] = sparse
+    info.update(manifest_sections(model))  # what the model's modes say about their export form (sparse attention)
     write_manifest(out_dir, [ONNX_FILE], info)
     return {"onnx": str(path), **{k: info[k] for k in ("opset", "model")}, "parity": parity}

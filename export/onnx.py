@@ -63,8 +63,11 @@ def _gelu_onnx(x, approximate: str = "none"):
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig,
                 output_names: list[str] | None = None, translations: dict | None = None) -> Path:
     """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked.
-    A model with several outputs (a tuple) names each in ``output_names``. ``translations``: ONNX
-    functions for custom ops (e.g. effvision::qdq -> QuantizeLinear/DequantizeLinear)."""
+    A model with several outputs (a tuple) names each in ``output_names``. Custom ops translate
+    by the registered translations (``export.hooks``: effvision::qdq -> QuantizeLinear/
+    DequantizeLinear) and ``translations``."""
+    from .hooks import onnx_translations
+
     if not MIN_OPSET <= cfg.opset <= MAX_OPSET:
         raise EffVisionError(f"opset {cfg.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
     path = Path(path)
@@ -89,14 +92,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
                                         input_names=["input"], output_names=output_names or ["logits"],
                                         dynamic_shapes=dynamic, external_data=False, verbose=False,
                                         custom_translation_table={torch.ops.aten.gelu.default: _gelu_onnx,
+                                                                  **onnx_translations(cfg.opset),
                                                                   **(translations or {})})
         except Exception as e:  # the exporter raises many types; the user needs the first line
             root = e.__cause__ or e
             if cfg.dynamic_hw:
                 raise EffVisionError(f"ONNX export with dynamic height/width failed ({type(model).__name__} may only "
                                      f"run at a fixed size; ViTs need dynamic_img_size=True): "
-                                     f"{str(root).strip().splitlines()[0]}") from None
-            raise EffVisionError(f"ONNX export failed: {type(root).__name__}: {str(root).strip().splitlines()[0]}") from None
+                                     f"{str(root).strip().splitlines()[0]}") from e
+            raise EffVisionError(f"ONNX export failed: {type(root).__name__}: {str(root).strip().splitlines()[0]}") from e
     tmp = path.with_name(path.name + ".tmp")
     program.save(str(tmp))
     tmp.replace(path)
@@ -127,7 +131,7 @@ def check_parity(model: nn.Module, onnx_path: str | Path, input_shape: tuple[int
             outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         except Exception as e:  # onnxruntime's own error types: a graph fixed to another size, say
             raise ParityError(f"onnxruntime cannot run the exported graph at batch {b}, size {hw[0]}x{hw[1]}: "
-                              f"{str(e).strip().splitlines()[0][:200]}") from None
+                              f"{str(e).strip().splitlines()[0][:200]}") from e
         errors[b] = errors.get(b, 0.0)
         for ref, out in zip((r.numpy() for r in refs), outs):
             if out.shape != ref.shape:

@@ -28,9 +28,9 @@ OPENVINO_FILES = ("model.xml", "model.bin")
 def require_openvino() -> Any:
     try:
         import openvino
-    except ImportError:
+    except ImportError as e:
         raise EffVisionError("OpenVINO is not installed: pip install 'effvision[openvino]' "
-                             "(or pip install openvino)") from None
+                             "(or pip install openvino)") from e
     return openvino
 
 
@@ -42,7 +42,7 @@ def convert_to_openvino(onnx_path: str | Path, out_dir: str | Path) -> Path:
     try:
         model = ov.convert_model(str(onnx_path))
     except Exception as e:  # OpenVINO's frontend raises its own types; one line for the user
-        raise EffVisionError(f"OpenVINO cannot convert {onnx_path}: {str(e).strip().splitlines()[0]}") from None
+        raise EffVisionError(f"OpenVINO cannot convert {onnx_path}: {str(e).strip().splitlines()[0]}") from e
     ov.save_model(model, str(xml), compress_to_fp16=False)
     return xml
 

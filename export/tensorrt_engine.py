@@ -22,8 +22,8 @@ ENGINE_FILE, SCRIPT_FILE, CACHE_FILE = "model.engine", "build_engine.sh", "timin
 def parse_profile(text: str) -> tuple[int, int, int]:
     try:
         lo, opt, hi = (int(v) for v in text.split(","))
-    except ValueError:
-        raise EffVisionError(f"--profile takes MIN,OPT,MAX batch sizes, e.g. 1,8,32 (got '{text}')") from None
+    except ValueError as e:
+        raise EffVisionError(f"--profile takes MIN,OPT,MAX batch sizes, e.g. 1,8,32 (got '{text}')") from e
     if not 1 <= lo <= opt <= hi:
         raise EffVisionError(f"--profile {text}: need 1 <= MIN <= OPT <= MAX")
     return lo, opt, hi

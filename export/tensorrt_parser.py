@@ -32,8 +32,8 @@ def require_tensorrt(what: str) -> Any:
     """The ``tensorrt`` module, or a one-line error naming what needed it."""
     try:
         import tensorrt
-    except ImportError:
-        raise TensorRTMissing(f"{what}: {_MISSING}") from None
+    except ImportError as e:
+        raise TensorRTMissing(f"{what}: {_MISSING}") from e
     return tensorrt
 
 
@@ -43,7 +43,7 @@ def _builder(trt: Any, what: str) -> tuple[Any, Any]:
         builder = trt.Builder(logger)
     except Exception as e:  # TensorRT raises TypeError/RuntimeError when CUDA has no device
         raise TensorRTMissing(f"{what}: TensorRT {trt.__version__} imports but cannot start (no CUDA GPU?): "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     if builder is None:
         raise TensorRTMissing(f"{what}: TensorRT {trt.__version__} could not create a builder (no CUDA GPU?)")
     return builder, logger

@@ -21,7 +21,7 @@ from effvision.compress import PruneSpec, prune_
 from effvision.engine.evaluate import evaluate
 from effvision.models.io import load_model
 from effvision.pipeline import load_run_recipe
-from effvision.stages.common import build_recipe_loaders
+from effvision.engine.stage import build_recipe_loaders
 
 
 def main() -> None:

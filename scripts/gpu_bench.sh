@@ -3,12 +3,12 @@
 # and wheel unpacking included): an environment check first (one line and exit 2 if something
 # is missing), then every section in priority order, each with its share of the time left;
 # results/<timestamp>/ (or --out DIR) gets <section>.json, ledger.json and gpu_bench.md after
-# every section. File the results with: python -m effvision.ledger add DIR/ledger.json
+# every section. File the results with: python -m effvision.benchmarks.ledger add DIR/ledger.json
 #
 # Runs on a machine's own python3 (torch, timm, onnxruntime installed) with this checkout on
 # PYTHONPATH; nothing is installed. Data: one packed archive of CIFAR-10's ImageFolder,
 #   tar czf .data/cifar10.tgz -C ../shared/datasets cifar10      (about 20 MB)
-# Extra arguments go to python -m effvision.gpu_bench (e.g. --sections inference).
+# Extra arguments go to python -m effvision.benchmarks (e.g. --sections inference).
 set -euo pipefail
 export GPU_BENCH_T0=${GPU_BENCH_T0:-$(date +%s.%N)}  # the budget counts from here
 cd "$(dirname "$0")/.."
@@ -31,4 +31,4 @@ fi
 if [ ! -e .data/coco128.tgz ] && [ -d ../shared/datasets/coco128 ]; then
   mkdir -p .data && tar czf .data/coco128.tgz -C ../shared/datasets coco128
 fi
-exec "$PY" -m effvision.gpu_bench --data "$DATA" "$@"
+exec "$PY" -m effvision.benchmarks --data "$DATA" "$@"

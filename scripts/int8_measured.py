@@ -17,7 +17,7 @@ import json
 import torch
 
 import effvision.models  # noqa: F401  (registers effvision's models)
-from effvision.bench import cpu_name
+from effvision.runinfo import cpu_name
 from effvision.compress.quantize import QuantConfig, quantize_
 from effvision.compress.quantize.measured import measure_int8_layers_
 from effvision.models.io import ModelSpec, create_model

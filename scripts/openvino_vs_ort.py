@@ -22,9 +22,8 @@ import timm
 import torch
 
 import effvision  # noqa: F401
-from effvision.bench import cpu_name
+from effvision.runinfo import cpu_name
 from effvision.compress.quantize import QuantConfig, quantize_
-from effvision.compress.quantize.persist import quant_spec, write_quant_spec
 from effvision.export import OnnxExportConfig, export_model_dir
 from effvision.export.openvino import convert_to_openvino, openvino_session
 from effvision.models.io import ModelSpec, save_model
@@ -40,7 +39,6 @@ def exports(name: str, work: Path) -> tuple[tuple[int, int, int], dict[str, Path
     export_model_dir(work / "fp32", work / "fp32-onnx", OnnxExportConfig(parity_batch_sizes=[1]))
     calib = [(torch.randn(16, *size), torch.zeros(16, dtype=torch.long)) for _ in range(4)]
     quantize_(model, QuantConfig(target="ort-cpu", calib_batches=4, min_calib_samples=64), calib, progress=False)
-    write_quant_spec(work / "int8", quant_spec(model, "int8", "ort-cpu", False))
     save_model(model, spec, work / "int8")
     export_model_dir(work / "int8", work / "int8-onnx", OnnxExportConfig(parity_batch_sizes=[1]))
     return tuple(size), {"fp32": work / "fp32-onnx" / "model.onnx", "int8": work / "int8-onnx" / "model.onnx"}

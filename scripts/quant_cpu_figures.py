@@ -32,7 +32,7 @@ import timm
 import torch
 
 import effvision.models  # noqa: F401
-from effvision.compress.quantize import QuantConfig, quant_spec, quantize_, write_quant_spec
+from effvision.compress.quantize import QuantConfig, quantize_
 from effvision.export import DeployConfig, OnnxExportConfig, export_deployable, export_onnx
 from effvision.models.io import ModelSpec, load_model, save_model
 
@@ -90,7 +90,6 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], torch.n
         quantize_(model.eval(), QuantConfig(target=target, calib_method="percentile", calib_batches=4,
                                             min_calib_samples=16), calib, progress=False)
         d = tmp / f"q-{target}"
-        write_quant_spec(d, quant_spec(model, "int8", target, False))
         save_model(model, spec, d)
         if target == "ort-cpu":  # effvision's ort-cpu INT8 export: the chosen form
             export_deployable(d, d / "onnx", DeployConfig(target=target))

@@ -19,7 +19,7 @@ from effvision.attention import SparseAttentionConfig, density_report, sparsify_
 from effvision.engine.evaluate import evaluate
 from effvision.models.io import load_model
 from effvision.recipe import load_recipe
-from effvision.stages.common import build_recipe_loaders
+from effvision.engine.stage import build_recipe_loaders
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

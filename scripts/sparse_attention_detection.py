@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from effvision.attention import SparseAttentionConfig, density_report
-from effvision.detection.data import CocoDataConfig, coco_samples
+from effvision.data.coco import CocoDataConfig, coco_samples
 from effvision.detection.evaluate import evaluate_coco
 from effvision.detection.io import load_detector
 from effvision.detection.sparse_attention import sparsify_detector_

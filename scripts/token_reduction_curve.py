@@ -27,7 +27,7 @@ from effvision.engine.evaluate import evaluate
 from effvision.export import OnnxExportConfig, export_onnx
 from effvision.models.io import load_model
 from effvision.recipe import load_recipe
-from effvision.stages.common import build_recipe_loaders
+from effvision.engine.stage import build_recipe_loaders
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -26,17 +26,23 @@ def test_readme_example_runs_as_written(tmp_path: Path) -> None:
     script.write_text(block.group(1))
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith(("teacher", "int8")))
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines()
+               if line.startswith(("teacher", "int8", "modes", "round-trip")))
     assert float(out["teacher"]) > 60.0, r.stdout  # 10 epochs on digits: well above chance (10%)
     assert int(out["int8"].split()[-1]) > 0
+    assert out["modes"] == "['prune', 'quantize']" and float(out["round-trip"].split()[-1]) == 0.0, r.stdout
     manifest = json.loads((tmp_path / "out/onnx/manifest.json").read_text())
     assert manifest["precision"] == "int8" and manifest["target"] == "ort-cpu"
-    # The saved dir is an effvision model dir: it reloads pruned and quantized, same outputs.
-    model, spec = ev.load(tmp_path / "out/student")
-    assert spec.pruned and (tmp_path / "out/student/quant.json").is_file()
-    # timm's config.json says it is not a plain timm checkpoint, and how to load it.
-    marked = json.loads((tmp_path / "out/student/config.json").read_text())["effvision"]
-    assert marked == {"pruned": True, "quantized": True, "load_with": "effvision.models.load_model(DIR)"}
+    # The saved dirs are effvision model dirs whose record says pruned, then quantized: the copy the
+    # loaded model was saved to holds the same record and the same weights.
+    for d in ("out/student", "out/student-copy"):
+        assert [m["mode"] for m in json.loads((tmp_path / d / "model.json").read_text())["modes"]] == \
+            ["prune", "quantize"]
+        # timm's config.json says it is not a plain timm checkpoint, and how to load it.
+        marked = json.loads((tmp_path / d / "config.json").read_text())["effvision"]
+        assert marked == {"modes": ["prune", "quantize"], "load_with": "effvision.models.load_model(DIR)"}
+    assert (tmp_path / "out/student/model.safetensors").read_bytes() == \
+        (tmp_path / "out/student-copy/model.safetensors").read_bytes()
 
 
 def _micro() -> torch.nn.Module:
@@ -63,12 +69,27 @@ def test_pruned_model_saves_and_reloads_exactly(tmp_path: Path) -> None:
     model = _micro()
     ev.prune(model, {"mlp": 0.5}, example_inputs=torch.randn(1, 3, 32, 32))
     ev.save(model, tmp_path / "m")
-    again, spec = ev.load(tmp_path / "m")
-    assert spec.pruned and spec.name == "vit_micro_patch4_32"
+    again = ev.load(tmp_path / "m")
+    spec = ev.spec_of(again)
+    assert [m["mode"] for m in spec.modes] == ["prune"] and spec.name == "vit_micro_patch4_32"
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(again.eval()(x), model.eval()(x))
     with pytest.raises(EffVisionError, match="holds a model already"):
         ev.save(model, tmp_path / "m")
+
+
+def test_load_then_save_works_on_a_plain_dense_model(tmp_path: Path) -> None:
+    """The reported failure: ev.load(DIR) then ev.save(model, DIR2) on a dense model saved a moment
+    before (load returned a tuple, and save could not find the model's architecture)."""
+    model = _micro()
+    ev.save(model, tmp_path / "a", img_size=32, class_names=[str(i) for i in range(10)])
+    loaded = ev.load(tmp_path / "a")
+    ev.save(loaded, tmp_path / "b")  # no spec arguments: the loaded model carries its spec
+    again = ev.load(tmp_path / "b")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(x), model.eval()(x), rtol=0, atol=0)
+    assert json.loads((tmp_path / "b" / "model.json").read_text()) == \
+        json.loads((tmp_path / "a" / "model.json").read_text())
 
 
 def test_constructor_kwargs_that_cannot_be_inferred_are_asked_for(tmp_path: Path) -> None:
@@ -76,4 +97,4 @@ def test_constructor_kwargs_that_cannot_be_inferred_are_asked_for(tmp_path: Path
     with pytest.raises(EffVisionError, match="pass the constructor's kwargs"):
         ev.save(model, tmp_path / "m")
     ev.save(model, tmp_path / "m", kwargs={"depth": 2})
-    assert len(ev.load(tmp_path / "m")[0].blocks) == 2
+    assert len(ev.load(tmp_path / "m").blocks) == 2

@@ -163,7 +163,7 @@ def test_bad_assembling_input_fails_before_work(tmp_path: Path) -> None:
     """Each mistake is one line naming what differs, raised by the preflight (before any stage
     runs, nothing on disk touched); two of them through the CLI (exit code 2)."""
     from effvision.recipe import load_recipe
-    from effvision.stages.common import preflight
+    from effvision.stages import preflight
 
     dirs, _ = _modules(tmp_path, meta_seed=0)
     other, _ = _modules(tmp_path, meta_seed=1)

@@ -46,9 +46,11 @@ def test_prune_stage_shrinks_and_records_the_architecture(compressed_run: Path) 
     report = json.loads((compressed_run / "02-prune" / "prune.json").read_text())
     assert report["macs_fraction"] < 0.6 and report["params_fraction"] < 0.6
     spec = json.loads((compressed_run / "02-prune" / "model" / "model.json").read_text())
-    assert spec["pruned"]["attrs"]["blocks.0.attn"]["num_heads"] == 2
-    assert spec["pruned"]["attrs"][""]["embed_dim"] == 72  # 96 * 0.75, a multiple of 8
-    assert spec["pruned"]["tensors"]["blocks.0.mlp.fc1.weight"] == [96, 72]
+    assert [m["mode"] for m in spec["modes"]] == ["prune"]
+    pruned = spec["modes"][0]["metadata"]
+    assert pruned["attrs"]["blocks.0.attn"]["num_heads"] == 2
+    assert pruned["attrs"][""]["embed_dim"] == 72  # 96 * 0.75, a multiple of 8
+    assert pruned["tensors"]["blocks.0.mlp.fc1.weight"] == [96, 72]
     finetune = json.loads((compressed_run / "03-finetune" / "summary.json").read_text())
     assert finetune["distill"] == "soft" and finetune["top1"] > 0
     parity = json.loads((compressed_run / "04-export" / "summary.json").read_text())["parity"]
@@ -68,7 +70,7 @@ assert model(x).shape == (3, 10), model(x).shape
 assert torch.allclose(model.forward_head(model.forward_features(x)), model(x))
 assert [m.shape[1] for m in maps] == [72] * 4
 assert all(b.attn.fused_attn and b.attn.num_heads == 2 for b in model.blocks)
-print("ok", spec.pruned is not None)
+print("ok", [m["mode"] for m in spec.modes] == ["prune"])
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

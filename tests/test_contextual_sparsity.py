@@ -12,14 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 import effvision.models.small_vit  # noqa: F401
-from effvision.dynamic.contextual import (ContextualConfig, attach_predictors_, contextual_sparsity_,
-                                          set_contextual_mode_)
-from effvision.dynamic.contextual_train import recall_at_k
+from effvision.dynamic.contextual import ContextualConfig, attach_predictors_, set_contextual_mode_
+from effvision.dynamic.contextual_train import contextual_sparsity_, recall_at_k
 from effvision.engine.evaluate import evaluate
 from effvision.errors import ConfigError, EffVisionError
 from effvision.models.io import load_model
 from effvision.recipe import load_recipe
-from effvision.stages.common import build_recipe_loaders
+from effvision.engine.stage import build_recipe_loaders
 
 from conftest import cli, tiny_recipe
 
@@ -81,7 +80,9 @@ def test_stage_trains_reports_and_reloads(tmp_path: Path) -> None:
     # The stage ran in its own process; this one rebuilds the model from spec + safetensors and
     # reproduces the stage's predicted-sparsity top-1 on the same test split.
     model, spec = load_model(stage / "model")
-    assert spec.transforms[-1] == {"name": "contextual_sparsity", "head_keep": 0.67, "mlp_keep": 0.5, "rank": 8}
+    entry = spec.modes[-1]
+    assert entry["mode"] == "contextual_sparsity" and entry["metadata"] == {"rank": 8}
+    assert (entry["config"]["head_keep"], entry["config"]["mlp_keep"]) == (0.67, 0.5)
     assert model.blocks[0].ctx_mode == "sparse"
     loaders = build_recipe_loaders(load_recipe(recipe), torch.device("cpu"))
     assert evaluate(model, loaders.eval, torch.device("cpu"), "off")["top1"] == pytest.approx(s["top1"])

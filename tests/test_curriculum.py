@@ -1,4 +1,4 @@
-"""Curriculum learning (effvision.data.curriculum): pacing, progressive resizing on ViTs and CNNs,
+"""Curriculum learning (effvision.curriculum): pacing, progressive resizing on ViTs and CNNs,
 loss-scored sampling from both loaders, resume-exact batches, the budget clock, bad input."""
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import effvision.models  # noqa: F401  (registers vit_*_patch4_32)
 from conftest import cli, tiny_recipe
 from test_resume import _start_and_kill
 from effvision.data import AugmentConfig, DataConfig, build_loaders
-from effvision.data.curriculum import BatchRampConfig, CurriculumConfig, apply_curriculum, pacing, resolutions
+from effvision.curriculum import BatchRampConfig, CurriculumConfig, apply_curriculum, pacing, resolutions
 from effvision.engine import Hooks, SchedulerConfig, TrainConfig, Trainer
 from effvision.errors import ConfigError
 from effvision.models.io import ModelSpec, save_model
 from effvision.recipe import parse_recipe
-from effvision.stages.common import preflight
+from effvision.stages import preflight
 from effvision.tokens import TokenDropConfig, apply_token_drop
 
 CPU = torch.device("cpu")

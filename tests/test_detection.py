@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import effvision  # noqa: F401
 from effvision.detection import DetectorSpec, backbone, build_detector, build_from_spec, load_detector, save_detector
-from effvision.detection.data import CocoDataConfig, check_coco, coco_samples
+from effvision.data.coco import CocoDataConfig, check_coco, coco_samples
 from effvision.detection.evaluate import evaluate_coco
 from effvision.errors import EffVisionError
 from effvision.models.io import ModelSpec, create_model, save_model

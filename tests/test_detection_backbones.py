@@ -76,14 +76,14 @@ def test_pruned_vit_from_model_dir_in_detector(tmp_path) -> None:
 
     import timm
 
-    from effvision.compress import PruneSpec, describe_pruned, prune_
+    from effvision.compress import PruneSpec, prune_
     from effvision.models.io import ModelSpec, save_model
 
     torch.manual_seed(0)
     model = timm.create_model("vit_micro_patch4_32", num_classes=10)
     dense = copy.deepcopy(model)
     prune_(model, PruneSpec(ratios={"heads": 0.3, "mlp": 0.5, "width": 0.25}), torch.randn(2, 3, 32, 32))
-    spec = ModelSpec("vit_micro_patch4_32", num_classes=10, img_size=32, pruned=describe_pruned(model, dense))
+    spec = ModelSpec("vit_micro_patch4_32", num_classes=10, img_size=32)  # the model carries its record
     assert model.embed_dim < dense.embed_dim
     save_model(model, spec, tmp_path / "model")
 

@@ -12,7 +12,6 @@ import torch
 
 import effvision.models.small_vit  # noqa: F401
 from effvision.dynamic import TokenReduceConfig, reduce_tokens_
-from effvision.dynamic.reduce import transform_entry
 from effvision.errors import ConfigError, EffVisionError
 from effvision.export import OnnxExportConfig, export_model_dir
 from effvision.export.tensorrt_check import check_tensorrt
@@ -71,12 +70,13 @@ def test_bad_input_one_line_before_any_change():
 @pytest.mark.parametrize("cfg", [TokenReduceConfig(r=8, schedule="decreasing"),
                                  TokenReduceConfig(method="evit", keep_rate=0.6)])
 def test_persist_and_export(tmp_path, cfg):
-    """The spec's transform list rebuilds the reduced model without pickle; the ONNX export
+    """The spec's record rebuilds the reduced model without pickle; the ONNX export
     matches eager within 1e-4 at batch 1 and 4, has no scatter ops and passes the TensorRT check."""
-    spec = ModelSpec(name="vit_micro_patch4_32", num_classes=10, transforms=[transform_entry(cfg)])
+    spec = ModelSpec(name="vit_micro_patch4_32", num_classes=10)
     model = create_model(spec).eval()
+    reduce_tokens_(model, cfg)
     save_model(model, spec, tmp_path / "model")
-    assert json.loads((tmp_path / "model" / "model.json").read_text())["transforms"][0]["name"] == "reduce_tokens"
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["modes"][0]["mode"] == "reduce_tokens"
     loaded, _ = load_model(tmp_path / "model")
     x = torch.randn(3, 3, 32, 32)
     assert torch.allclose(loaded.eval()(x), model(x))
@@ -109,7 +109,7 @@ def test_evit_keep_rate_schedule_ramps_to_the_target():
     m = _vit()
     target = reduce_tokens_(m, cfg)
     hooks = Hooks()
-    apply_keep_schedule(m, KeepScheduleConfig(ramp=0.5), [transform_entry(cfg)], hooks, "stages[1].keep_schedule")
+    apply_keep_schedule(m, KeepScheduleConfig(ramp=0.5), hooks, "stages[1].keep_schedule")
     x = torch.randn(1, 3, 32, 32)
 
     def tokens_after_last_block(step: int) -> int:
@@ -120,6 +120,6 @@ def test_evit_keep_rate_schedule_ramps_to_the_target():
     assert target[-1] < tokens_after_last_block(25) < 65
     assert keep_rate_at(0.5, 25, 100, 0.5) == pytest.approx(0.75)
     with pytest.raises(ConfigError, match="not EViT-pruned"):
-        apply_keep_schedule(_vit(), KeepScheduleConfig(), [], Hooks(), "stages[1].keep_schedule")
+        apply_keep_schedule(_vit(), KeepScheduleConfig(), Hooks(), "stages[1].keep_schedule")
     with pytest.raises(ConfigError, match=r"keep_schedule.ramp: 1.0 is outside"):
         KeepScheduleConfig(ramp=1.0).validate("stages[1].keep_schedule")

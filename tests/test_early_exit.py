@@ -71,9 +71,9 @@ def test_early_exit_stage_trains_calibrates_and_saves(tmp_path: Path) -> None:
     assert 0.0 < s["blocks_fraction"] <= 1.0 and set(s["exit_top1"]) == {"1"}
     assert s["calibration"]["split"] == "holdout"  # data.holdout: calibrated on images never trained on
     assert s["latency"]["torch"]["images"] == 8 and s["latency"]["onnxruntime"]["early_exit_ms_p50"] > 0
-    # The model dir rebuilds the heads (spec transform) and keeps the calibrated policy.
+    # The model dir rebuilds the heads (its record's early_exit mode) and keeps the calibrated policy.
     model, spec = load_model(tmp_path / "run" / "02-early_exit" / "model")
-    assert spec.transforms[-1]["name"] == "early_exit" and model.exit_policy == ("confidence", s["threshold"])
+    assert spec.modes[-1]["mode"] == "early_exit" and model.exit_policy == ("confidence", s["threshold"])
     assert len(model.exit_heads) == 1
 
     bad = tiny_recipe(tmp_path / "bad.yaml", stages=[stages[0], {**stages[1], "exits": {"after": [7]}}])

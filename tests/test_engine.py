@@ -175,7 +175,7 @@ def test_onecycle_keeps_the_recipes_betas(tmp_path: Path) -> None:
 
 
 def test_stage_dirs_ignore_incomplete_attempts(tmp_path: Path) -> None:
-    from effvision.stages.base import stage_dirs
+    from effvision.engine.stage import stage_dirs
 
     for name in ("01-train", "02-export", "02-export.incomplete-1700000000", "notes"):
         (tmp_path / name).mkdir()

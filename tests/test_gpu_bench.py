@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import SHARED, needs_shared
-from effvision import gpu_bench
-from effvision.gpu_bench import SECTIONS, Section, main
-from effvision.gpu_sections import seconds_left
+from effvision.benchmarks import registry, runner
+from effvision.benchmarks.registry import Section, seconds_left, sections
+from effvision.benchmarks.runner import main
 
 CIFAR, COCO = SHARED / "datasets" / "cifar10", SHARED / "datasets" / "coco128"
 
@@ -32,16 +32,17 @@ def _md(rows) -> list[str]:
 
 
 def test_budget_shares_skip_cut_off_and_json_after_each_section(tmp_path: Path, monkeypatch) -> None:
-    sections = {"second": Section(_rows, _md, priority=20, share=1.0, min_s=0.1, title="second"),
+    sections()  # the plugins register theirs first; the patch below then replaces the whole registry
+    fake = {"second": Section(_rows, _md, priority=20, share=1.0, min_s=0.1, title="second"),
                 "hangs": Section(_hang, _md, priority=10, share=1.0, min_s=0.1),
                 "first": Section(_rows, _md, priority=5, share=2.0, min_s=0.1),
                 "never": Section(_rows, _md, priority=30, share=0.01, min_s=50)}
-    monkeypatch.setattr(gpu_bench, "SECTIONS", sections)
-    monkeypatch.setattr(gpu_bench, "GRACE_S", 0.5)
+    monkeypatch.setattr(registry, "_SECTIONS", fake)
+    monkeypatch.setattr(runner, "GRACE_S", 0.5)
     monkeypatch.setenv("GPU_BENCH_T0", str(time.time()))
     out = tmp_path / "out"
     assert main(["--toy", "--budget-s", "8", "--sections", "second,hangs,first,never", "--out", str(out)]) == 0
-    rec = {n: json.loads((out / f"{n}.json").read_text()) for n in sections}
+    rec = {n: json.loads((out / f"{n}.json").read_text()) for n in fake}
     # priority order, shares of the time left: first gets 2/4.01 of ~8 s, hangs 1/2.01 of the rest
     assert 3.0 < rec["first"]["budget_s"] <= 4.0 and rec["first"]["status"] == "ok"
     assert rec["first"]["rows"][0]["toy"] is True and 0 < rec["first"]["rows"][0]["left_s"] <= 4.0
@@ -58,7 +59,7 @@ def test_budget_shares_skip_cut_off_and_json_after_each_section(tmp_path: Path, 
 def test_environment_check_stops_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     bad = Section(_rows, _md, priority=1, share=1.0, requires=("no_such_module_xyz",),
                   recipes=(str(tmp_path / "missing.yaml"),), data=("cifar10",))
-    monkeypatch.setattr(gpu_bench, "SECTIONS", {**SECTIONS, "bad": bad})
+    monkeypatch.setattr(registry, "_SECTIONS", {**sections(), "bad": bad})
     out = tmp_path / "out"
     assert main(["--toy", "--sections", "bad", "--out", str(out), "--data", str(tmp_path / "nodata")]) == 2
     err = capsys.readouterr().err.strip()

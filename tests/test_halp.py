@@ -12,7 +12,7 @@ import pytest
 from effvision.compress.halp import Layer, _fit, solve_knapsack
 from effvision.config import parse
 from effvision.errors import ConfigError
-from effvision.stages.prune import PruneConfig
+from effvision.compress.stages import PruneConfig
 
 from conftest import cli, tiny_recipe
 

@@ -87,7 +87,9 @@ def test_quantize_stage_measured_end_to_end(tmp_path: Path) -> None:
     run = tmp_path / "run"
     p = cli("run", str(recipe), "--out", str(run))
     assert p.returncode == 0, p.stderr
-    quant = json.loads((run / "02-quantize" / "model" / "quant.json").read_text())
+    quant = json.loads((run / "02-quantize" / "model" / "model.json").read_text())["modes"][-1]
+    assert quant["mode"] == "quantize"
+    quant = quant["metadata"]
     record = quant["int8_layers"]
     assert record["mode"] == "measured" and record["runtime"].startswith("onnxruntime")
     groups = record["groups"]

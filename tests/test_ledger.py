@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import REPO
-from effvision.ledger import (BLOCK, LEDGER_DIR, add_entry, load_ledger, main, render_block, update_readme)
+from effvision.benchmarks.ledger import (BLOCK, LEDGER_DIR, add_entry, load_ledger, main, render_block, update_readme)
 
 README = REPO / "README.md"
 
@@ -15,7 +15,7 @@ def test_readme_tables_agree_with_the_ledger() -> None:
     text = README.read_text()
     names = [m.group("name") for m in BLOCK.finditer(text)]
     assert {"quickstart", "inference", "cifar10", "gpu-status"} <= set(names)
-    assert update_readme(text, load_ledger()) == text, "run: python -m effvision.ledger readme"
+    assert update_readme(text, load_ledger()) == text, "run: python -m effvision.benchmarks.ledger readme"
 
 
 def test_check_fails_when_a_readme_figure_is_edited_by_hand(tmp_path: Path, capsys) -> None:

@@ -1,6 +1,7 @@
 """effvision's models: registered in timm, full timm contract, save/load, the catalog CLI."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -169,11 +170,20 @@ def test_load_model_errors(tmp_path):
     model_dir = save_model(timm.create_model("vit_micro_patch4_32"), ModelSpec(name="vit_micro_patch4_32"),
                            tmp_path / "m")
     (model_dir / "model.json").write_text("{not json")
-    with pytest.raises(EffVisionError, match="corrupt model spec"):
+    with pytest.raises(EffVisionError, match="corrupt model spec") as info:
         load_model(model_dir)
+    assert isinstance(info.value.__cause__, json.JSONDecodeError)  # chained: --debug and notebooks show it
     (model_dir / "model.json").write_text(ModelSpec(name="vit_micro_patch4_32").to_json())
     (model_dir / "model.safetensors").write_bytes(b"\x00" * 100)
-    with pytest.raises(EffVisionError, match="corrupt checkpoint"):
+    with pytest.raises(EffVisionError, match="corrupt checkpoint") as info:
+        load_model(model_dir)
+    assert info.value.__cause__ is not None
+    spec = json.loads(ModelSpec(name="vit_micro_patch4_32").to_json())
+    (model_dir / "model.json").write_text(json.dumps({**spec, "modes": [{"mode": "no_such_mode", "version": 1}]}))
+    with pytest.raises(EffVisionError, match="unknown model mode 'no_such_mode'"):
+        load_model(model_dir)
+    (model_dir / "model.json").write_text(json.dumps({**spec, "modes": [{"mode": "prune", "version": 9}]}))
+    with pytest.raises(EffVisionError, match="prune version 9 is newer than this effvision reads"):
         load_model(model_dir)
     save_model(timm.create_model("vit_micro_patch4_32", num_classes=3), ModelSpec(name="vit_micro_patch4_32"),
                tmp_path / "m")  # spec says 10 classes, weights have 3
@@ -224,7 +234,7 @@ def test_models_cli_no_match_is_exit_2(tmp_path):
 
 def test_models_bench_measures_latency_and_writes_table_and_plot(tmp_path) -> None:
     """`effvision models --bench cpu`: measured torch and onnxruntime latency beside params/GMACs."""
-    from effvision.models.speed import bench_models, pareto, write_speed_table
+    from effvision.speed import bench_models, pareto, write_speed_table
 
     rows = bench_models(["vit_micro_patch4_32"], "cpu", ("torch", "ort"), batch_size=1, warmup=1, iters=3,
                         progress=False)

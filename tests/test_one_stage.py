@@ -32,7 +32,10 @@ def test_prune_and_quantize_a_saved_model_dir(tmp_path: Path) -> None:
             "--calib-batches", "2", "--set", "data.limit_train=256", "--set", "data.limit_eval=128")
     assert r.returncode == 0, r.stderr
     q = json.loads((tmp_path / "int8" / "01-quantize" / "summary.json").read_text())
-    assert q["precision"] == "int8" and q["target"] == "ort-cpu"
+    assert q["precision"] == "int8" and q["target"] == "tensorrt"  # QuantConfig's default: one for CLI, API, recipes
+    # the quantized dir's record holds both modes in order: pruned by the first run, then quantized
+    spec = json.loads((tmp_path / "int8" / "01-quantize" / "model" / "model.json").read_text())
+    assert [m["mode"] for m in spec["modes"]] == ["prune", "quantize"]
     assert (tmp_path / "int8" / "02-export" / "model.onnx").is_file()
 
 

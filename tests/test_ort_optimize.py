@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
-from effvision.compress.quantize import QuantConfig, quant_spec, quantize_, write_quant_spec
+from effvision.compress.quantize import QuantConfig, quantize_
 from effvision.errors import EffVisionError
 from effvision.export import DeployConfig, export_deployable
 from effvision.models.io import ModelSpec, create_model, save_model
@@ -32,7 +32,6 @@ def _model_dir(tmp: Path, quantize: QuantConfig | None = None) -> Path:
         g = torch.Generator().manual_seed(1)
         calib = [(torch.randn(16, 3, 32, 32, generator=g), None) for _ in range(2)]
         quantize_(model, quantize, calib, progress=False)
-        write_quant_spec(d, quant_spec(model, "int8", quantize.target, False))
     save_model(model, SPEC, d)
     return d
 

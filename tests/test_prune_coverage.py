@@ -80,10 +80,10 @@ def test_prune_family(name: str, kwargs: dict, size: int, tmp_path: Path) -> Non
         assert (type(a.q_norm).__name__ == "LayerNorm") == bool(kwargs.get("qk_norm"))  # per-head norms kept
 
     # The spec alone rebuilds it: JSON of the changed sizes + safetensors, no pickle.
-    spec.pruned = describe_pruned(model, dense)
     save_model(model, spec, tmp_path / "model")
     rebuilt, loaded = load_model(tmp_path / "model")
-    assert loaded.pruned == spec.pruned
+    assert [m["mode"] for m in loaded.modes] == ["prune"]
+    assert loaded.modes[0]["metadata"] == describe_pruned(model, dense)
     model.eval(), rebuilt.eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)

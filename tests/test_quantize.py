@@ -14,8 +14,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
-from effvision.compress.quantize import (QuantConfig, QuantLinear, quant_modules, quant_spec, quantize_,
-                                         write_quant_spec)
+from effvision.compress.quantize import QuantConfig, QuantLinear, quant_modules, quantize_
 from effvision.compress.quantize.qdq_op import qdq
 from effvision.errors import EffVisionError
 from effvision.export import DeployConfig, check_tensorrt, export_deployable
@@ -42,8 +41,7 @@ def _quantized_dir(tmp: Path, target: str = "tensorrt", precision: str = "int8")
     quantize_(model, QuantConfig(target=target, precision=precision, calib_batches=2, min_calib_samples=8),
               _calib(), progress=False)
     d = tmp / f"q-{target}-{precision}"
-    write_quant_spec(d, quant_spec(model, precision, target, False))
-    save_model(model, SPEC, d)
+    save_model(model, SPEC, d)  # the record the verb left names the quantization
     return d
 
 
@@ -141,9 +139,10 @@ def test_qat_gradients_flow_straight_through(learnable: bool) -> None:
 
 def test_quantized_model_round_trips_without_pickle(tmp_path: Path) -> None:
     d = _quantized_dir(tmp_path)
-    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.json", "model.safetensors", "quant.json"]
-    spec = json.loads((d / "quant.json").read_text())
-    assert spec["precision"] == "int8" and "blocks.0.attn.qkv" in spec["modules"]
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.json", "model.safetensors"]
+    (entry,) = json.loads((d / "model.json").read_text())["modes"]
+    assert entry["mode"] == "quantize" and entry["config"]["precision"] == "int8"
+    assert "blocks.0.attn.qkv" in entry["metadata"]["modules"]
     model, _ = load_model(d)
     assert isinstance(model.blocks[0].attn.qkv, QuantLinear)
     x = _calib(8)[0][0]

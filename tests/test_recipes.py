@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from effvision.recipe import load_recipe
-from effvision.stages.common import recipe_spec
+from effvision.engine.stage import recipe_spec
 from effvision.models.io import create_model
 
 from conftest import REPO, SHARED, cli, needs_shared

@@ -11,7 +11,7 @@ import torch
 
 import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
 from effvision.attention import (SparseAttention, SparseAttentionConfig, apply_policies, density_report, model_grid,
-                                 read_policies, sparsify_attention_, with_policies)
+                                 read_policies, sparsify_attention_)
 from effvision.attention.policies import Grid, block_cover, expand_blocks, policy_token_mask
 from effvision.errors import ConfigError, EffVisionError
 from effvision.models.io import ModelSpec, create_model, load_model, save_model
@@ -52,9 +52,9 @@ def test_profiling_keeps_the_mass_and_swaps_in_place(tmp_path: Path) -> None:
     full = _model()
     sparsify_attention_(full, SparseAttentionConfig(recovery=1.0, block=16), [x])
     torch.testing.assert_close(full(x), dense, rtol=1e-4, atol=1e-5)
-    # on disk: spec (policies as a model transform) + safetensors, reloaded in a fresh model
+    # on disk: spec (policies in the record's sparse_attention mode) + safetensors, reloaded in a fresh model
     out = tmp_path / "m"
-    save_model(model, with_policies(ModelSpec(name="vit_micro_patch4_32", num_classes=10), spec), out)
+    save_model(model, ModelSpec(name="vit_micro_patch4_32", num_classes=10), out)
     loaded, loaded_spec = load_model(out)
     assert read_policies(loaded_spec)["layers"] == spec["layers"]
     assert isinstance(loaded.blocks[1].attn, SparseAttention)
@@ -88,7 +88,7 @@ def test_sparse_attention_stage_in_a_recipe(tmp_path: Path) -> None:
     summary = json.loads((stage / "summary.json").read_text())
     assert 0 < summary["density"]["mean_density"] <= 1 and "per_head" in summary["density"]
     model_json = json.loads((stage / "model" / "model.json").read_text())
-    assert [t["name"] for t in model_json["transforms"]] == ["sparse_attention"]
+    assert [m["mode"] for m in model_json["modes"]] == ["sparse_attention"]
     # export: block gather / masked dense per head, parity-checked against the sparse model
     manifest = json.loads(next(run.glob("03-export/**/manifest.json")).read_text())
     kinds = manifest["sparse_attention"]["kinds"]
@@ -106,7 +106,7 @@ def test_sparse_attention_stage_on_a_detector(tmp_path: Path) -> None:
     stages reload exactly that sparse detector and export its backbone (parity-checked)."""
     from effvision.detection.io import load_detector
     from effvision.recipe import load_recipe
-    from effvision.stages.common import preflight
+    from effvision.stages import preflight
 
     coco = SHARED / "datasets" / "coco128"
     sets = ["device=cpu", "model.kwargs={depth: 2}", "stages.train_detection.epochs=1",
@@ -142,9 +142,9 @@ def test_gpu_bench_section_runs_at_toy_size() -> None:
     import argparse
 
     from effvision.attention.gpu_section import sparse_attention_markdown, sparse_attention_section
-    from effvision.gpu_bench import SECTIONS
+    from effvision.benchmarks.registry import sections
 
-    assert SECTIONS["sparse_attention"].run is sparse_attention_section
+    assert sections()["sparse_attention"].run_ref == "effvision.attention.gpu_section:sparse_attention_section"
     rows = sparse_attention_section(argparse.Namespace(toy=True, data=None, runs=None, stamp="t"))
     ok = [r for r in rows if "error" not in r]
     assert {r["backend"] for r in ok} == {"sdpa dense", "effvision kernel", "flex_attention"}

@@ -13,7 +13,7 @@ import torch
 
 import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
 from effvision.attention import (SparseAttention, SparseAttentionConfig, apply_policies, attend, model_grid,
-                                 pick_backend, sparsify_attention_, with_policies)
+                                 pick_backend, sparsify_attention_)
 from effvision.attention.export import BlockGatherAttention
 from effvision.attention.policies import Grid, block_cover, policy_token_mask
 from effvision.errors import ConfigError, EffVisionError
@@ -52,8 +52,8 @@ def test_onnx_export_uses_the_gathered_form_with_parity(tmp_path: Path) -> None:
     """Local-window heads export as block gather, heavy hitters as masked dense; onnxruntime
     matches the eager sparse model within 1e-4 and the manifest says per kind where the speedup
     carries."""
-    from export.model_dir import export_model_dir
-    from export.onnx import OnnxExportConfig
+    from effvision.export.model_dir import export_model_dir
+    from effvision.export.onnx import OnnxExportConfig
 
     spec = ModelSpec(name="vit_micro_patch4_32", num_classes=10, img_size=64, kwargs={"img_size": 64, "depth": 1})
     torch.manual_seed(0)
@@ -61,9 +61,11 @@ def test_onnx_export_uses_the_gathered_form_with_parity(tmp_path: Path) -> None:
     assert model_grid(model) == GRID
     heads = [{"policy": p, "density": 0.0, "kept": 1.0} for p in POLICIES]
     pol = {"grid": {"prefix": 1, "h": 16, "w": 16}, "block": 16, "layers": {"blocks.0.attn": heads}}
-    apply_policies(model, pol)
+    spec.modes = [{"mode": "sparse_attention", "version": 1, "config": {}, "metadata": pol}]
+    model = create_model(spec).eval()  # the record's mode applies the policies
+    assert isinstance(model.blocks[0].attn, SparseAttention)
     src = tmp_path / "model"
-    save_model(model, with_policies(spec, pol), src)
+    save_model(model, spec, src)
     export_model_dir(src, tmp_path / "export", OnnxExportConfig(parity_batch_sizes=[1, 2]))
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["parity"]["max_abs_error"] <= 1e-4
@@ -154,9 +156,11 @@ def test_bad_input_before_any_work(tmp_path: Path) -> None:
         apply_policies(model, {"grid": {"prefix": 1, "h": 16, "w": 16}, "block": 16, "layers": {"blocks.0.attn": heads}})
     assert not any(isinstance(m, SparseAttention) for m in model.modules())
     # from disk: a model dir whose policies have other heads fails in load_model, before the weights load
-    spec = with_policies(ModelSpec(name="vit_micro_patch4_32", num_classes=10),
-                         {"grid": {"prefix": 1, "h": 8, "w": 8}, "block": 16, "layers": {"blocks.0.attn": heads[:2]}})
-    save_model(model, spec, tmp_path)
+    save_model(model, ModelSpec(name="vit_micro_patch4_32", num_classes=10), tmp_path)
+    bad = {"grid": {"prefix": 1, "h": 8, "w": 8}, "block": 16, "layers": {"blocks.0.attn": heads[:2]}}
+    spec = json.loads((tmp_path / "model.json").read_text())
+    spec["modes"] = [{"mode": "sparse_attention", "version": 1, "config": {}, "metadata": bad}]
+    (tmp_path / "model.json").write_text(json.dumps(spec))
     with pytest.raises(EffVisionError, match="'blocks.0.attn' have 2 heads; the model has 3"):
         load_model(tmp_path)
     q = torch.randn(1, 3, 65, 32)

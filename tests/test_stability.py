@@ -1,4 +1,4 @@
-"""effvision.engine.stability: the bf16 CPU check run before a recipe gets a GPU call."""
+"""effvision.stability (`effvision check`): the bf16 CPU check run before a recipe gets a GPU call."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SHARED, needs_shared, tiny_recipe
-from effvision.engine.stability import ATTN_LOGIT_LIMIT, main, probe_stability
+from effvision.cli import main
+from effvision.stability import ATTN_LOGIT_LIMIT, probe_stability
 
 
 def test_a_diverging_learning_rate_is_caught(tmp_path: Path) -> None:
@@ -17,7 +18,7 @@ def test_a_diverging_learning_rate_is_caught(tmp_path: Path) -> None:
     assert report.problems, report.summary()
     # the same model at a sane lr passes, and every statistic is recorded per step
     ok = tiny_recipe(tmp_path / "ok.yaml")
-    assert main([str(ok), "--steps", "8", "--batch-size", "8"]) == 0
+    assert main(["check", str(ok), "--steps", "8", "--batch-size", "8"]) == 0
     report = probe_stability(ok, steps=8, batch_size=8)
     assert len(report.loss) == len(report.attn_logit_max) == len(report.grad_norm) == 8
     assert all(math.isfinite(v) and 0 < v < ATTN_LOGIT_LIMIT for v in report.attn_logit_max)

@@ -15,7 +15,7 @@
 
 The grown model is rebuilt with ``timm.create_model`` from the spec with new kwargs (depth,
 embed_dim, num_heads), so it stays a plain timm model saved as spec + safetensors, with the
-stochastic-depth schedule of its new depth.
+stochastic-depth schedule of its new depth; its record notes the ``grow`` mode.
 """
 from __future__ import annotations
 
@@ -23,15 +23,18 @@ import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, EffVisionError
 from ..models.io import ModelSpec, create_model
+from ..models.modes import add_mode, check_next, record_of
 
-__all__ = ["GrowConfig", "grow_model", "grow_optimizer_state", "model_shape"]
+__all__ = ["GrowConfig", "MODE", "grow_model", "restore_grown", "grow_optimizer_state", "model_shape"]
+
+MODE = "grow"
 
 Tensor = torch.Tensor
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
@@ -70,9 +73,10 @@ def check_growth(depth: int, cfg: GrowConfig, where: str = "grow") -> int:
 
 @torch.no_grad()
 def grow_model(model: nn.Module, spec: ModelSpec, cfg: GrowConfig) -> tuple[nn.Module, ModelSpec]:
-    """A new timm model (and its spec) computing the same function as ``model``, grown per ``cfg``."""
-    if spec.pruned:
-        raise EffVisionError(f"growth of a pruned model ({spec.name}) is not supported; grow before pruning")
+    """A new timm model (and its spec) computing the same function as ``model``, grown per ``cfg``.
+    The grown model's record is ``model``'s plus a ``grow`` entry (growth comes before other modes)."""
+    record = record_of(model)
+    check_next(record, MODE)
     depth, dim, heads = model_shape(model)
     target = check_growth(depth, cfg)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -82,10 +86,17 @@ def grow_model(model: nn.Module, spec: ModelSpec, cfg: GrowConfig) -> tuple[nn.M
     if cfg.width == 2:
         state = {k: _widen(k, v, dim, heads, lambda w: _split_in(w, gen)) for k, v in state.items()}
     kwargs = dict(spec.kwargs, depth=target, embed_dim=dim * cfg.width, num_heads=heads * cfg.width)
-    new_spec = dataclasses.replace(spec, kwargs=kwargs)
+    new_spec = dataclasses.replace(spec, kwargs=kwargs, modes=record)
     grown = create_model(new_spec)
     grown.load_state_dict(state, strict=True)
+    add_mode(grown, MODE, cfg, {"from": {"depth": depth, "embed_dim": dim, "num_heads": heads}})
+    new_spec.modes = record_of(grown)
     return grown.to(next(model.parameters()).device).train(model.training), new_spec
+
+
+def restore_grown(model: nn.Module, config: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """The ``grow`` mode's restore: nothing to do, the spec's kwargs are the grown architecture
+    (the entry records where it came from; its rule keeps growth before every other mode)."""
 
 
 def grow_optimizer_state(state: dict[str, dict[str, Tensor]], model: nn.Module,

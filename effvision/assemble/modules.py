@@ -148,7 +148,7 @@ def assemble_modules(dirs: list[Path]) -> tuple[nn.Module, ModelSpec, dict]:
     infos = [read_module(d) for d in dirs]
     modules = check_modules(infos)
     first = infos[0]
-    spec = ModelSpec(**first["target"])
+    spec = ModelSpec.from_dict(first["target"])
     model = create_model(spec)
     state: dict[str, torch.Tensor] = {}
     for info in infos:

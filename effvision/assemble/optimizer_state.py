@@ -82,3 +82,9 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, pr
         # tensors shaped like the parameter follow it (device, dtype); scalars (step) stay as saved
         optimizer.state[p] = {k: v.to(p.device, p.dtype) if v.dim() else v for k, v in s.items()}
     return {"optimizer_state_carried": len(state), "optimizer_state_from": str(path)}
+
+
+def started_carry(blocks: dict[str, Any], ts: Any, trainer: Any) -> dict[str, Any]:
+    """Trainer extension (always on): a model from a grow stage that left its optimizer state
+    beside it continues with that state."""
+    return carry_optimizer_state(trainer.optimizer, trainer.model, ts.source_dir)

@@ -1,45 +1,42 @@
-"""Chosen policies persist in the model spec (model.json) as a model transform, like token
-reduction: ``{"name": "sparse_attention", "version": 1, "grid", "block", "backend", "layers"}``.
-``create_model`` re-applies it (the Attention class swap) before the weights load, so a model
-dir stays spec + safetensors and loading never unpickles."""
+"""Chosen policies persist as the ``sparse_attention`` mode of the model's record: the config
+asked for (block, recovery, backend) and, as metadata, the policies (grid, block, backend,
+layers). Restoring re-applies them (the Attention class swap) before the weights load, so a
+model dir stays spec + safetensors and loading never unpickles."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch.nn as nn
 
 from ..errors import EffVisionError
 from ..models.io import ModelSpec
-from ..models.transforms import register_transform
+from ..models.modes import find_mode
 
-__all__ = ["TRANSFORM", "with_policies", "read_policies"]
+__all__ = ["MODE", "restore_policies", "legacy_policies", "read_policies"]
 
-TRANSFORM = "sparse_attention"
-_VERSION = 1
-
-
-def with_policies(spec: ModelSpec, policies: dict[str, Any]) -> ModelSpec:
-    """A copy of ``spec`` whose transforms end with these policies (replacing earlier ones)."""
-    kept = [t for t in spec.transforms if t.get("name") != TRANSFORM]
-    return dataclasses.replace(spec, transforms=[*kept, {"name": TRANSFORM, "version": _VERSION, **policies}])
+MODE = "sparse_attention"
 
 
 def read_policies(spec: ModelSpec) -> dict[str, Any] | None:
-    for t in spec.transforms:
-        if t.get("name") == TRANSFORM:
-            return {k: v for k, v in t.items() if k not in ("name", "version")}
-    return None
+    """The policies in a spec's record, or None."""
+    entry = find_mode(spec.modes, MODE)
+    return None if entry is None else dict(entry["metadata"])
 
 
-@register_transform(TRANSFORM)
-def _transform(model: nn.Module, params: dict[str, Any]) -> None:
+def restore_policies(model: nn.Module, config: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """The ``sparse_attention`` mode's restore."""
     from .module import apply_policies
 
-    if params.get("version") != _VERSION:
-        raise EffVisionError(f"model spec: sparse attention policies version {params.get('version')} "
-                             f"(this effvision reads {_VERSION})")
-    missing = [k for k in ("grid", "block", "layers") if k not in params]
+    missing = [k for k in ("grid", "block", "layers") if k not in metadata]
     if missing:
         raise EffVisionError(f"model spec: sparse attention policies lack {', '.join(missing)}")
-    apply_policies(model, params)
+    apply_policies(model, metadata)
+
+
+def legacy_policies(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A model spec's pre-record ``sparse_attention`` transform (version 1) -> (config, metadata)."""
+    if params.get("version") != 1:
+        raise EffVisionError(f"model spec: sparse attention policies version {params.get('version')} "
+                             f"(this effvision reads 1)")
+    policies = {k: v for k, v in params.items() if k != "version"}
+    return {k: policies[k] for k in ("block", "recovery", "backend") if k in policies}, policies

@@ -2,8 +2,9 @@
 
 A pruned model is the dense ``timm.create_model`` output with smaller tensors and a few
 changed module attributes (``in_features``, ``num_heads``, ``num_features``, ...). We record
-exactly those differences, so ``create_model(spec)`` rebuilds the pruned model in a fresh
-process from ``ModelSpec.pruned`` alone (no pickle), and ``load_weights`` then fills it.
+exactly those differences, as the ``prune`` mode's metadata in the model's record, so
+``create_model(spec)`` rebuilds the pruned model in a fresh process (no pickle), and
+``load_weights`` then fills it.
 
     {"tensors": {"blocks.0.attn.qkv.weight": [144, 96], ...},     # parameter/buffer shapes
      "attrs": {"blocks.0.attn": {"num_heads": 2, "attn_dim": 64}, ...}}
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["describe_pruned", "apply_pruned"]
+__all__ = ["architecture", "describe_pruned", "apply_pruned"]
 
 _SCALARS = (int, float, str)
 
@@ -50,19 +51,26 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
 
 
-def describe_pruned(pruned: nn.Module, dense: nn.Module) -> dict[str, Any]:
-    """The tensor shapes and module attributes of ``pruned`` that differ from ``dense``."""
-    dense_tensors = _tensors(dense)
+def architecture(model: nn.Module) -> dict[str, Any]:
+    """What pruning may change, as plain data: every tensor's shape, every module's type and
+    plain attributes (a snapshot taken before pruning, compared after it)."""
+    return {"tensors": {name: tuple(t.shape) for name, t in _tensors(model).items()},
+            "modules": {name: (type(m), {k: _plain(v) for k, v in _attrs(m).items()})
+                        for name, m in model.named_modules()}}
+
+
+def describe_pruned(pruned: nn.Module, dense: nn.Module | dict[str, Any]) -> dict[str, Any]:
+    """The tensor shapes and module attributes of ``pruned`` that differ from ``dense`` (the
+    model before pruning, or its ``architecture`` snapshot)."""
+    before = dense if isinstance(dense, dict) else architecture(dense)
     tensors = {name: list(t.shape) for name, t in _tensors(pruned).items()
-               if name in dense_tensors and tuple(t.shape) != tuple(dense_tensors[name].shape)}
-    dense_modules = dict(dense.named_modules())
+               if name in before["tensors"] and tuple(t.shape) != before["tensors"][name]}
     attrs: dict[str, dict[str, Any]] = {}
     for name, module in pruned.named_modules():
-        ref = dense_modules.get(name)
-        if ref is None or type(ref) is not type(module):
+        ref = before["modules"].get(name)
+        if ref is None or ref[0] is not type(module):
             raise TypeError(f"pruning changed the module tree at '{name}'; only sizes may change")
-        ref_attrs = _attrs(ref)
-        changed = {k: _plain(v) for k, v in _attrs(module).items() if _plain(ref_attrs.get(k)) != _plain(v)}
+        changed = {k: _plain(v) for k, v in _attrs(module).items() if ref[1].get(k) != _plain(v)}
         if changed:
             attrs[name] = changed
     return {"tensors": tensors, "attrs": attrs}

@@ -157,7 +157,7 @@ class LatencyTable:
 
 def _table_key(model: nn.Module, example: torch.Tensor, kinds: list[str], budget: BudgetSpec,
                base: PruneSpec) -> dict[str, Any]:
-    from ..bench import cpu_name
+    from ..runinfo import cpu_name
     from effvision.export.manifest import package_versions
 
     machine = torch.cuda.get_device_name() if budget.device == "cuda" and budget.backend == "torch" else cpu_name()

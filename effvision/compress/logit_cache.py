@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..io import cached_tensor, hash_files
+from ..engine.distributed import cached_tensor
+from ..io import hash_files
 
 __all__ = ["teacher_logits", "CachedTeacher"]
 

@@ -88,7 +88,7 @@ def _decode(data: bytes, size: int | None, name: str) -> np.ndarray:
                 im = im.resize((size, size), Image.BICUBIC)
             return np.asarray(im)  # (H, W, 3)
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise EffVisionError(f"cannot decode image {name}: {e}") from None
+        raise EffVisionError(f"cannot decode image {name}: {e}") from e
 
 
 def _stack(arrays: list[np.ndarray], labels: list[int], classes: list[str]) -> ImageArrays:
@@ -159,7 +159,7 @@ def decode_archive(path: str | Path, img_size: int | None = None, workers: int |
                 assert f is not None
                 entries.setdefault(split, []).append((cls, f.read(), m.name))
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise EffVisionError(f"corrupt dataset archive {path}: {e}") from None
+        raise EffVisionError(f"corrupt dataset archive {path}: {e}") from e
     if not entries:
         raise EffVisionError(f"no images in archive {path} (expected <top>/<split>/<class>/<image>)")
     out = {}
@@ -181,7 +181,7 @@ def torchvision_cifar10(root: str | Path) -> dict[str, ImageArrays]:
         try:
             ds = CIFAR10(str(root), train=train, download=True)
         except Exception as e:  # network errors come in many types
-            raise EffVisionError(f"could not download CIFAR-10 to {root}: {e}") from None
+            raise EffVisionError(f"could not download CIFAR-10 to {root}: {e}") from e
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
         out[split] = ImageArrays(x, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes))
     return out

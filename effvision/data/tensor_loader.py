@@ -47,7 +47,7 @@ class TensorLoader:
         self.erasing = (RandomErasing(random_erasing, mode="pixel", device=str(self.device))
                         if train and random_erasing > 0 else None)
         # (epoch, step) -> the global batch's sample indices, replacing the shuffled order
-        # (a curriculum's sampler, effvision.data.curriculum); None: the permutation.
+        # (a curriculum's sampler, effvision.curriculum); None: the permutation.
         self.batch_indices: Callable[[int, int], torch.Tensor] | None = None
         # This process's sample indices of the batch yielded last (cached teacher logits look them up).
         self.last_indices: torch.Tensor | None = None

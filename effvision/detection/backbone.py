@@ -180,7 +180,7 @@ def _probe(body: nn.Module, spec: ModelSpec, divisor: int) -> tuple[list[int], t
             feats = body(torch.zeros(1, spec.in_chans, *own))
         except Exception as e:
             raise EffVisionError(f"backbone {spec.name} does not run at {small[0]}x{small[1]} "
-                                 f"({_first_line(small_error)}) nor at its own {own[0]}x{own[1]} ({_first_line(e)})") from None
+                                 f"({_first_line(small_error)}) nor at its own {own[0]}x{own[1]} ({_first_line(e)})") from e
         fixed = own
     return [int(f.shape[1]) for f in feats], fixed
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .data import CocoSamples, detection_loader
+from ..data.coco import CocoSamples, detection_loader
 
 __all__ = ["evaluate_coco"]
 

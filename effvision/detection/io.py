@@ -43,7 +43,7 @@ class DetectorSpec:
 
 def build_from_spec(spec: DetectorSpec, trunk: nn.Module | None = None) -> nn.Module:
     """The detector a spec describes (random weights unless ``trunk`` carries some)."""
-    trunk_spec = ModelSpec(**spec.backbone)
+    trunk_spec = ModelSpec.from_dict(spec.backbone)
     body = make_backbone(trunk if trunk is not None else create_model(trunk_spec), spec=trunk_spec,
                          out_channels=spec.out_channels)
     model = build_detector(spec.kind, body, spec.num_classes, min_size=spec.min_size, max_size=spec.max_size,
@@ -73,7 +73,7 @@ def load_detector(directory: str | Path) -> tuple[nn.Module, DetectorSpec]:
         data = json.loads(path.read_text())
         spec = DetectorSpec(**data)
     except (json.JSONDecodeError, TypeError) as e:
-        raise EffVisionError(f"corrupt detector spec {path}: {e}") from None
+        raise EffVisionError(f"corrupt detector spec {path}: {e}") from e
     model = build_from_spec(spec)
     load_weights(model, directory / WEIGHTS_FILE)
     return model, spec

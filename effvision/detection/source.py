@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..errors import EffVisionError
 from ..models.io import SPEC_FILE, ModelSpec, create_model, load_model
-from ..stages.base import MODEL_DIR, stage_dirs
+from ..engine.stage import MODEL_DIR, stage_dirs
 
 __all__ = ["check_source", "resolve_model_dir", "load_trunk"]
 

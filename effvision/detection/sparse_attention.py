@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..attention import SparseAttentionConfig, sparsify_attention_
-from .data import CocoSamples, detection_loader
+from ..data.coco import CocoSamples, detection_loader
 
 __all__ = ["backbone_inputs", "sparsify_detector_"]
 

@@ -1,8 +1,9 @@
-"""Dynamic inference: token merging (ToMe) and token pruning (EViT) as model transforms that
-persist in the model spec and export to ONNX with gathers, matmuls and top-k only; early exit
-heads with a calibrated exit policy (``early_exit``); contextual sparsity (``contextual``):
-per-image attention heads and MLP neurons chosen by trained predictors."""
-from .contextual import ContextualConfig, contextual_sparsity_, set_contextual_mode_
+"""Dynamic inference: token merging (ToMe) and token pruning (EViT) as the ``reduce_tokens`` mode
+(persisted in the model's record, exported to ONNX with gathers, matmuls and top-k only); early
+exit heads with a calibrated exit policy (``early_exit``); contextual sparsity
+(``contextual_sparsity``): per-image attention heads and MLP neurons chosen by trained predictors."""
+from .contextual import ContextualConfig, set_contextual_mode_
+from .contextual_train import contextual_sparsity_
 from .early_exit import ExitConfig, attach_exits_, run_early_exit
 from .reduce import TokenReduceConfig, reduce_tokens_
 

@@ -14,7 +14,8 @@ Execution paths of a :class:`ContextualBlock` (``block.ctx_mode``):
 - ``collect``: dense, and records (features, importance) per image for predictor training.
 
 The predictors are ordinary submodules (``blocks.i.ctx_pred``), so their weights live in
-model.safetensors; the model spec lists the transform, and ``load_model`` rebuilds it.
+model.safetensors; the model's record lists the ``contextual_sparsity`` mode, and ``load_model``
+rebuilds it.
 """
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import ConfigError, EffVisionError
-from ..models.transforms import register_transform
 
-__all__ = ["ContextualConfig", "ContextualBlock", "BlockPredictor", "attach_predictors_", "contextual_sparsity_",
-           "set_contextual_mode_", "contextual_entry", "contextual_macs", "check_predictors_dir"]
+__all__ = ["ContextualConfig", "ContextualBlock", "BlockPredictor", "MODE", "attach_predictors_",
+           "restore_contextual", "legacy_contextual", "set_contextual_mode_", "contextual_macs", "check_predictors_dir"]
 
-Mode = Literal["dense", "sparse", "masked", "oracle", "collect"]
-MODES = ("dense", "sparse", "masked", "oracle", "collect")
+MODE = "contextual_sparsity"
+
+ExecMode = Literal["dense", "sparse", "masked", "oracle", "collect"]
+EXEC_MODES = ("dense", "sparse", "masked", "oracle", "collect")
 
 
 @dataclass
@@ -227,9 +229,9 @@ def attach_predictors_(model: nn.Module, cfg: ContextualConfig) -> nn.Module:
     return model
 
 
-def set_contextual_mode_(model: nn.Module, mode: Mode) -> None:
-    if mode not in MODES:
-        raise EffVisionError(f"contextual mode {mode!r} is not one of {', '.join(MODES)}")
+def set_contextual_mode_(model: nn.Module, mode: ExecMode) -> None:
+    if mode not in EXEC_MODES:
+        raise EffVisionError(f"contextual mode {mode!r} is not one of {', '.join(EXEC_MODES)}")
     for blk in model.blocks:
         blk.ctx_mode = mode
 
@@ -263,38 +265,16 @@ def check_predictors_dir(model: nn.Module, directory: str | Path, where: str = "
     return state
 
 
-def contextual_sparsity_(model: nn.Module, cfg: ContextualConfig, calib: list[torch.Tensor] | None = None
-                         ) -> dict[str, Any]:
-    """Attach predictors to ``model`` and train them on the calibration images ``calib`` (a list
-    of (B, C, H, W) batches), or load them from ``cfg.predictors``. Leaves the model in mode
-    ``sparse``; returns the training report (per-block loss and recall on ``calib``)."""
-    cfg.validate()
-    _shape(model)
-    state = check_predictors_dir(model, cfg.predictors) if cfg.predictors else None  # checks before any change
-    if state is None and not calib:
-        raise EffVisionError("contextual_sparsity: calibration images are needed to train the predictors")
-    if state is not None:
-        cfg = ContextualConfig(**{**cfg.__dict__, "rank": state["blocks.0.ctx_pred.heads.0.weight"].shape[0]})
-    attach_predictors_(model, cfg)
-    if state is not None:
-        for i, blk in enumerate(model.blocks):
-            prefix = f"blocks.{i}.ctx_pred."
-            blk.ctx_pred.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        return {"predictors": str(cfg.predictors)}
-    from .contextual_train import train_predictors
-
-    return train_predictors(model, calib, cfg)
+def restore_contextual(model: nn.Module, config: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """The ``contextual_sparsity`` mode's restore: fresh predictors of the recorded rank (their weights load next)."""
+    attach_predictors_(model, ContextualConfig(head_keep=config["head_keep"], mlp_keep=config["mlp_keep"],
+                                               rank=metadata.get("rank", config.get("rank", 128))))
 
 
-def contextual_entry(cfg: ContextualConfig, rank: int | None = None) -> dict[str, Any]:
-    """The model spec's transform entry (the predictors' weights are in model.safetensors)."""
-    return {"name": "contextual_sparsity", "head_keep": cfg.head_keep, "mlp_keep": cfg.mlp_keep,
-            "rank": rank or cfg.rank}
-
-
-@register_transform("contextual_sparsity")
-def _transform(model: nn.Module, params: dict[str, Any]) -> None:
-    attach_predictors_(model, ContextualConfig(**params))
+def legacy_contextual(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A model spec's pre-record ``contextual_sparsity`` transform -> (config, metadata)."""
+    return {"head_keep": params["head_keep"], "mlp_keep": params["mlp_keep"], "rank": params["rank"]}, \
+        {"rank": params["rank"]}
 
 
 def contextual_macs(model: nn.Module, tokens: int) -> dict[str, float]:

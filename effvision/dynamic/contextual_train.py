@@ -1,6 +1,7 @@
-"""Training the contextual-sparsity predictors: the oracle importance of every head and MLP
-neuron on calibration images (dense forward, ``collect`` mode), then per block a BCE fit of the
-predictor's scores to the oracle's top-k sets; and predictor recall against the oracle."""
+"""The contextual-sparsity verb ``contextual_sparsity_`` and the training of its predictors: the
+oracle importance of every head and MLP neuron on calibration images (dense forward, ``collect``
+mode), then per block a BCE fit of the predictor's scores to the oracle's top-k sets; and
+predictor recall against the oracle."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,9 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .contextual import ContextualConfig, set_contextual_mode_
+from ..errors import EffVisionError
+from ..models.modes import add_mode, check_next, record_of
+from .contextual import MODE, ContextualConfig, _shape, attach_predictors_, check_predictors_dir, set_contextual_mode_
 
-__all__ = ["collect_oracle", "train_predictors", "recall_at_k", "predictor_recall"]
+__all__ = ["contextual_sparsity_", "collect_oracle", "train_predictors", "recall_at_k", "predictor_recall"]
 
 
 @torch.no_grad()
@@ -95,3 +98,29 @@ def predictor_recall(model: nn.Module, images: list[torch.Tensor]) -> list[dict[
                     "neurons": float(recall_at_k(blk.ctx_pred.neurons(d["mlp_in"].to(dtype)).float(),
                                                  d["mlp_imp"], blk.mlp_k).mean())})
     return out
+
+
+def contextual_sparsity_(model: nn.Module, cfg: ContextualConfig, calib: list[torch.Tensor] | None = None
+                         ) -> dict[str, Any]:
+    """Attach predictors to ``model`` and train them on the calibration images ``calib`` (a list
+    of (B, C, H, W) batches), or load them from ``cfg.predictors``. Leaves the model in mode
+    ``sparse``; returns the training report (per-block loss and recall on ``calib``). The model's
+    record gains a ``contextual_sparsity`` entry (the predictors' weights are model weights)."""
+    cfg.validate()
+    check_next(record_of(model), MODE)
+    _shape(model)
+    state = check_predictors_dir(model, cfg.predictors) if cfg.predictors else None  # checks before any change
+    if state is None and not calib:
+        raise EffVisionError("contextual_sparsity: calibration images are needed to train the predictors")
+    if state is not None:
+        cfg = ContextualConfig(**{**cfg.__dict__, "rank": state["blocks.0.ctx_pred.heads.0.weight"].shape[0]})
+    attach_predictors_(model, cfg)
+    if state is not None:
+        for i, blk in enumerate(model.blocks):
+            prefix = f"blocks.{i}.ctx_pred."
+            blk.ctx_pred.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        report: dict[str, Any] = {"predictors": str(cfg.predictors)}
+    else:
+        report = train_predictors(model, calib, cfg)
+    add_mode(model, MODE, cfg, {"rank": cfg.rank})
+    return report

@@ -16,10 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, EffVisionError
-from ..models.transforms import register_transform
+from ..models.modes import add_mode, check_next, record_of, update_metadata
 
-__all__ = ["ExitConfig", "attach_exits_", "exit_logits", "certainty", "calibrate_threshold", "run_early_exit",
-           "ExitLoss", "exit_entry"]
+__all__ = ["ExitConfig", "MODE", "attach_exits_", "set_exit_threshold_", "restore_exits", "exit_logits", "certainty",
+           "calibrate_threshold", "run_early_exit", "ExitLoss"]
+
+MODE = "early_exit"
 
 
 @dataclass
@@ -70,27 +72,44 @@ class ExitHead(nn.Module):
         return self.fc(self.norm(pooled))
 
 
-def attach_exits_(model: nn.Module, after: list[int]) -> nn.Module:
-    """Add ``model.exit_heads`` (one per index in ``after``) in place; the forward is unchanged."""
-    _check(model, list(after))
+def attach_exits_(model: nn.Module, exits: ExitConfig | list[int]) -> nn.Module:
+    """Add ``model.exit_heads`` (one per block index in ``exits.after``) in place; the forward is
+    unchanged. The model's record gains an ``early_exit`` entry (its threshold is set by
+    ``set_exit_threshold_`` once calibrated)."""
+    cfg = exits if isinstance(exits, ExitConfig) else ExitConfig(after=list(exits))
+    check_next(record_of(model), MODE)
+    _attach(model, list(cfg.after))
+    model.exit_policy = (cfg.criterion, cfg.threshold)
+    add_mode(model, MODE, cfg, {"threshold": cfg.threshold})
+    return model
+
+
+def set_exit_threshold_(model: nn.Module, threshold: float) -> None:
+    """The calibrated exit threshold, on the model and in its record."""
+    model.exit_policy = (model.exit_policy[0], threshold)
+    update_metadata(model, MODE, threshold=threshold)
+
+
+def _attach(model: nn.Module, after: list[int]) -> None:
+    _check(model, after)
     token_pool = getattr(model, "global_pool", "token") == "token" and getattr(model, "cls_token", None) is not None
     ref = model.patch_embed.proj.weight
     model.exit_heads = nn.ModuleList(
         ExitHead(model.embed_dim, model.num_classes, model.num_prefix_tokens, token_pool) for _ in after
     ).to(device=ref.device, dtype=ref.dtype)
     model.exit_after = list(after)
-    return model
 
 
-@register_transform("early_exit")
-def _early_exit_transform(model: nn.Module, params: dict[str, Any]) -> None:
-    attach_exits_(model, list(params["after"]))
-    model.exit_policy = (params.get("criterion", "confidence"), params.get("threshold"))
+def restore_exits(model: nn.Module, config: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """The ``early_exit`` mode's restore: the heads (their weights load next) and the exit policy."""
+    _attach(model, list(config["after"]))
+    model.exit_policy = (config.get("criterion", "confidence"), metadata.get("threshold"))
 
 
-def exit_entry(after: list[int], criterion: str, threshold: float | None) -> dict[str, Any]:
-    """The model spec's transform entry (heads rebuilt on load, the policy kept beside them)."""
-    return {"name": "early_exit", "after": list(after), "criterion": criterion, "threshold": threshold}
+def legacy_exit(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A model spec's pre-record ``early_exit`` transform -> (config, metadata)."""
+    return ({"after": list(params["after"]), "criterion": params.get("criterion", "confidence")},
+            {"threshold": params.get("threshold")})
 
 
 def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ from typing import Any
 import timm
 import torch
 
-from ..gpu_sections import seconds_left
-from .contextual import ContextualConfig, contextual_macs, contextual_sparsity_
+from ..benchmarks.registry import seconds_left
+from .contextual import ContextualConfig, contextual_macs
+from .contextual_train import contextual_sparsity_
 from .contextual_bench import dense_vs_sparse
 from .reduce import TokenReduceConfig, reduce_tokens_
 

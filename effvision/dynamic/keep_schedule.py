@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..models.modes import find_mode, record_of
 
 __all__ = ["KeepScheduleConfig", "keep_rate_at", "apply_keep_schedule"]
 
@@ -29,20 +30,24 @@ def keep_rate_at(target: float, step: int, total: int, ramp: float) -> float:
     return target + (1.0 - target) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def apply_keep_schedule(model: nn.Module, cfg: KeepScheduleConfig | None, transforms: list[dict[str, Any]],
-                        hooks: Any, where: str) -> None:
-    """Add the schedule to ``hooks`` for an EViT model (its spec's ``transforms`` name the target)."""
+def apply_keep_schedule(model: nn.Module, cfg: KeepScheduleConfig | None, hooks: Any, where: str) -> None:
+    """Add the schedule to ``hooks`` for an EViT model (its record's ``reduce_tokens`` entry names the target)."""
     if cfg is None:
         return
-    from .reduce import TokenReduceConfig, set_keep_rate_
+    from .reduce import MODE, TokenReduceConfig, set_keep_rate_
 
-    entries = [t for t in transforms if t.get("name") == "reduce_tokens" and t.get("method") == "evit"]
-    if not entries:
+    entry = find_mode(record_of(model), MODE)
+    if entry is None or entry["config"].get("method") != "evit":
         raise ConfigError(f"{where}: the model is not EViT-pruned (put a reduce_tokens stage with method: evit "
                           f"before this stage)")
-    base = TokenReduceConfig(**{k: v for k, v in entries[-1].items() if k != "name"})
+    base = TokenReduceConfig(**entry["config"])
 
     def hook(_model: nn.Module, step: int, total: int) -> None:
         set_keep_rate_(model, replace(base, keep_rate=keep_rate_at(base.keep_rate, step, total, cfg.ramp)))
 
     hooks.before_step.append(hook)
+
+
+def setup_keep_schedule(blocks: dict[str, Any], ts: Any) -> None:
+    """Trainer extension (``keep_schedule``): EViT's keep rate ramps from 1.0 to the model's target."""
+    apply_keep_schedule(ts.model, blocks["keep_schedule"], ts.hooks, f"{ts.where}.keep_schedule")

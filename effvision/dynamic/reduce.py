@@ -1,9 +1,10 @@
 """``reduce_tokens_``: ToMe or EViT on a timm VisionTransformer, in place, by swapping classes
-(the model's and its blocks'), so state-dict keys and the timm API stay as they were."""
+(the model's and its blocks'), so state-dict keys and the timm API stay as they were; the
+``reduce_tokens`` mode of the model's record."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -13,10 +14,12 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import ConfigError, EffVisionError
-from ..models.transforms import register_transform
+from ..models.modes import add_mode, check_next, record_of
 from .tokens import merge_bipartite, prune_by_score
 
-__all__ = ["TokenReduceConfig", "reduce_tokens_", "token_counts", "set_keep_rate_"]
+MODE = "reduce_tokens"
+
+__all__ = ["TokenReduceConfig", "MODE", "reduce_tokens_", "restore_reduced", "token_counts", "set_keep_rate_"]
 
 
 @dataclass
@@ -160,7 +163,20 @@ def _evit_keep(patches: int, rate: float) -> int:
 
 
 def reduce_tokens_(model: nn.Module, cfg: TokenReduceConfig) -> list[int]:
-    """Make ``model`` merge (ToMe) or prune (EViT) tokens; returns the token count per block."""
+    """Make ``model`` merge (ToMe) or prune (EViT) tokens; returns the token count per block.
+    The model's record gains a ``reduce_tokens`` entry."""
+    check_next(record_of(model), MODE)
+    counts = _reduce(model, cfg)
+    add_mode(model, MODE, cfg, {"tokens_per_block": counts})
+    return counts
+
+
+def restore_reduced(model: nn.Module, config: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """The ``reduce_tokens`` mode's restore (class swaps only: no weights of its own)."""
+    _reduce(model, TokenReduceConfig(**config))
+
+
+def _reduce(model: nn.Module, cfg: TokenReduceConfig) -> list[int]:
     cfg.validate()
     counts = token_counts(model, cfg)                    # all checks before the first change
     depth, p = len(model.blocks), model.num_prefix_tokens
@@ -183,11 +199,3 @@ def set_keep_rate_(model: nn.Module, cfg: TokenReduceConfig) -> None:
     for i in _evit_blocks(cfg, len(model.blocks)):
         model.blocks[i].evit_keep = counts[i + 1] - p - 1
 
-
-@register_transform("reduce_tokens")
-def _transform(model: nn.Module, params: dict[str, Any]) -> None:
-    reduce_tokens_(model, TokenReduceConfig(**params))
-
-
-def transform_entry(cfg: TokenReduceConfig) -> dict[str, Any]:
-    return {"name": "reduce_tokens", **asdict(cfg)}

@@ -90,7 +90,7 @@ class Checkpointer:
         try:
             state = torch.load(path / _STATE, map_location=map_location, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-            raise EffVisionError(f"corrupt checkpoint state {path / _STATE}: {str(e).splitlines()[0]}") from None
+            raise EffVisionError(f"corrupt checkpoint state {path / _STATE}: {str(e).splitlines()[0]}") from e
         return state, TrainPosition(**state.pop("position"))
 
 

@@ -1,13 +1,10 @@
-"""The train stage's configuration."""
+"""The training configuration (what the Trainer reads; training stages add their extensions' keys)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ConfigError
-from ..data.curriculum import BatchRampConfig, CurriculumConfig
-from ..dynamic.keep_schedule import KeepScheduleConfig
-from ..tokens.config import TokenDropConfig
 from .loggers import LogConfig
 from .optim import OptimizerConfig
 
@@ -45,10 +42,8 @@ class TrainConfig:
     grad_accum_steps: int = 1              # split each batch into this many micro-batches (same updates, less memory)
     log: LogConfig = field(default_factory=LogConfig)  # TensorBoard / CSV / W&B beside metrics.jsonl
     budget_s: float | None = None          # train for this many seconds of training time (LR keyed to the clock)
-    token_drop: TokenDropConfig | None = None  # random-LTD (effvision.tokens)
-    curriculum: CurriculumConfig | None = None  # curriculum learning (effvision.data.curriculum)
-    batch_ramp: BatchRampConfig | None = None   # the batch grows from a fraction to data.batch_size (same module)
-    keep_schedule: KeepScheduleConfig | None = None  # EViT keep rate 1.0 -> target (effvision.dynamic)
+    # The train and finetune stages add one key per trainer extension (engine.extensions): token_drop,
+    # curriculum, batch_ramp, keep_schedule, distill, qat.
 
     def validate(self, where: str) -> None:
         if self.epochs <= 0:
@@ -81,11 +76,3 @@ class TrainConfig:
         self.log.validate(f"{where}.log")
         if self.budget_s is not None and not self.budget_s > 0:
             raise ConfigError(f"{where}.budget_s must be positive (seconds of training time)")
-        if self.token_drop is not None:
-            self.token_drop.validate(f"{where}.token_drop")
-        if self.curriculum is not None:
-            self.curriculum.validate(f"{where}.curriculum")
-        if self.batch_ramp is not None:
-            self.batch_ramp.validate(f"{where}.batch_ramp")
-        if self.keep_schedule is not None:
-            self.keep_schedule.validate(f"{where}.keep_schedule")

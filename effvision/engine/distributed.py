@@ -1,15 +1,19 @@
-"""torchrun integration: one process per device, DDP over gloo (CPU) or NCCL (GPU)."""
+"""torchrun integration: one process per device, DDP over gloo (CPU) or NCCL (GPU); a tensor
+computed once by rank 0 and read by every rank (``cached_tensor``)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_mean", "broadcast_object", "shutdown"]
+__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_mean", "broadcast_object", "shutdown",
+           "cached_tensor"]
 
 
 @dataclass
@@ -68,3 +72,20 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def cached_tensor(path: Path, name: str, compute: Callable[[], torch.Tensor], *, is_main: bool = True,
+                  metadata: dict[str, str] | None = None) -> torch.Tensor:
+    """Tensor ``name`` stored in ``path`` (safetensors; name it by a hash of what it depends on); when
+    absent, rank 0 computes and writes it (temp file, then rename) and every rank reads it after
+    a barrier, so all ranks hold the same values."""
+    from safetensors.torch import load_file, save_file
+
+    if not path.is_file() and is_main:
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({name: value}, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    barrier()
+    return load_file(str(path))[name]

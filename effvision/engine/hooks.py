@@ -9,8 +9,9 @@
 - ``budget_position``: set by the Trainer under ``budget_s``: global_step -> the spent budget
   as a position in [0, total_steps]; schedules of features (kept tokens, curriculum pacing)
   follow it instead of the step when it is set.
-The optimizer factory is the registry in ``effvision.engine.optim``; model transforms
-between stages are stages (``effvision.stages.register_stage``).
+The optimizer factory is the registry in ``effvision.engine.optim``; what a training technique
+adds (its config key and the hooks above) is a trainer extension (``engine.extensions``); model
+changes between stages are modes with their stages (``models.modes``, ``engine.stage``).
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ class OptimizerConfig:
     layerwise: bool = False         # step each parameter in backward: a full set of gradients never exists
 
     def validate(self, where: str) -> None:
+        _load_registered()
         if self.name not in OPTIMIZERS and self.name not in list_optimizers():
             import difflib
             close = difflib.get_close_matches(self.name, list(OPTIMIZERS) + list_optimizers(), n=1)
@@ -76,7 +77,15 @@ def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFacto
     return wrap
 
 
+def _load_registered() -> None:
+    """The optimizers techniques register (effvision.optim's galore_*) are in OPTIMIZERS after this."""
+    from .. import plugins
+
+    plugins.load_plugins()
+
+
 def create_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    _load_registered()
     if cfg.name in OPTIMIZERS:
         return OPTIMIZERS[cfg.name](model, cfg)
     extra: dict[str, Any] = dict(cfg.kwargs)

@@ -2,12 +2,14 @@
 huggingface_hub (a timm dependency, so always installed).
 
 The staged folder is what ``timm.create_model("hf-hub:USER/NAME", pretrained=True)`` reads:
-config.json (architecture, num_classes, pretrained_cfg) and model.safetensors, plus the
-effvision files that rebuild a pruned or quantized model (model.json, quant.json,
-attention_policies.json, whichever exist) and a generated model card (README.md). Staged
-locally first, so a missing token or network fails before anything is uploaded."""
+config.json (architecture, num_classes, pretrained_cfg) and model.safetensors, plus
+effvision's model.json, whose record of modes rebuilds a pruned, quantized or otherwise changed
+model (a model dir from before the record is staged with its record migrated), and a generated
+model card (README.md). Staged locally first, so a missing token or network fails before
+anything is uploaded."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -16,24 +18,21 @@ from typing import Any
 
 from ..errors import EffVisionError
 from ..io import atomic_write_text
-from .io import SPEC_FILE, TIMM_CONFIG_FILE, WEIGHTS_FILE, ModelSpec
+from .io import SPEC_FILE, TIMM_CONFIG_FILE, WEIGHTS_FILE, ModelSpec, read_spec, timm_config
 
 __all__ = ["stage_for_hub", "push_to_hub", "model_card"]
 
-_EXTRA_FILES = ("quant.json", "attention_policies.json")  # effvision's rebuild instructions, where present
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
-def _timm_loadable(model_dir: Path, spec: ModelSpec) -> bool:
-    """A dense, float, plain model: timm itself rebuilds it from config.json + weights."""
-    return not spec.pruned and not spec.transforms and not any((model_dir / f).is_file() for f in _EXTRA_FILES)
+def _timm_loadable(spec: ModelSpec) -> bool:
+    """A model with no modes (dense, float, plain): timm itself rebuilds it from config.json + weights."""
+    return not spec.modes
 
 
-def model_card(model_dir: Path, spec: ModelSpec, repo_id: str) -> str:
-    timm_ok = _timm_loadable(model_dir, spec)
-    kinds = [k for k, on in (("pruned", spec.pruned), ("quantized", (model_dir / "quant.json").is_file()),
-                             ("sparse attention", (model_dir / "attention_policies.json").is_file()),
-                             ("transformed", spec.transforms)) if on]
+def model_card(spec: ModelSpec, repo_id: str) -> str:
+    timm_ok = _timm_loadable(spec)
+    kinds = [m["mode"].replace("_", " ") for m in spec.modes]
     import timm
 
     own = timm.is_model(spec.name) and timm.models.model_entrypoint(spec.name).__module__.startswith("effvision")
@@ -64,15 +63,12 @@ def stage_for_hub(model_dir: str | Path, out: str | Path, repo_id: str) -> Path:
         raise EffVisionError(f"{model_dir} is not a complete model dir (missing {', '.join(missing)})")
     if out.exists():
         raise EffVisionError(f"{out} exists already; choose another folder (nothing was overwritten)")
-    try:
-        spec = ModelSpec.from_json((model_dir / SPEC_FILE).read_text(encoding="utf-8"))
-    except (ValueError, TypeError) as e:
-        raise EffVisionError(f"corrupt model spec {model_dir / SPEC_FILE}: {e}") from None
+    spec = read_spec(model_dir)
     out.mkdir(parents=True)
-    for name in (TIMM_CONFIG_FILE, WEIGHTS_FILE, SPEC_FILE, *_EXTRA_FILES):
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out / name)
-    atomic_write_text(out / "README.md", model_card(model_dir, spec, repo_id))
+    shutil.copy2(model_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)
+    atomic_write_text(out / TIMM_CONFIG_FILE, json.dumps(timm_config(spec), indent=2))
+    atomic_write_text(out / SPEC_FILE, spec.to_json())
+    atomic_write_text(out / "README.md", model_card(spec, repo_id))
     return out
 
 
@@ -100,8 +96,8 @@ def push_to_hub(model_dir: str | Path, repo_id: str, private: bool = False, toke
                                        commit_message=f"effvision: upload {Path(model_dir).name}")
         except Exception as e:  # network and HTTP errors come in many types; one line for the user
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EffVisionError(f"upload to the Hugging Face Hub failed ({type(e).__name__}): {first}") from None
+            raise EffVisionError(f"upload to the Hugging Face Hub failed ({type(e).__name__}): {first}") from e
         files = sorted(p.name for p in staged.iterdir())
-        timm_ok = _timm_loadable(Path(model_dir), ModelSpec.from_json((staged / SPEC_FILE).read_text()))
+        timm_ok = _timm_loadable(read_spec(staged))
     return {"repo": repo_id, "url": str(url), "commit": getattr(commit, "commit_url", str(commit)),
             "private": private, "files": files, "timm_loadable": timm_ok}

@@ -1,5 +1,6 @@
-"""Models move between stages and processes as an architecture spec (JSON) plus safetensors
-weights, never as pickles, so any stage's model rebuilds in a fresh process."""
+"""Models move between stages and processes as an architecture spec (JSON: the timm name, its
+kwargs and the record of modes applied) plus safetensors weights, never as pickles, so any
+stage's model rebuilds in a fresh process."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,19 +18,23 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import EffVisionError
 from ..io import atomic_write_text
+from .modes import RECORD_ATTR, migrate_legacy, record_of, restore_modes
 
-__all__ = ["ModelSpec", "create_model", "save_model", "load_model", "timm_config", "SPEC_FILE", "WEIGHTS_FILE",
-           "TIMM_CONFIG_FILE"]
+__all__ = ["ModelSpec", "create_model", "save_model", "load_model", "read_spec", "timm_config", "spec_of_model",
+           "SPEC_FILE", "WEIGHTS_FILE", "TIMM_CONFIG_FILE", "LEGACY_QUANT_FILE"]
 
 SPEC_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"  # also the name timm's hub layout uses
 TIMM_CONFIG_FILE = "config.json"    # timm's hub layout: timm.create_model("local-dir:DIR", pretrained=True)
+LEGACY_QUANT_FILE = "quant.json"    # model dirs before the mode record kept quantization here
+SPEC_FORMAT = 2                     # 2: the mode record; model.json without "modes" is format 1
 
 
 @dataclass
 class ModelSpec:
-    """Everything needed to rebuild a model and feed it: the timm name and its kwargs, and the
-    preprocessing and class names that export manifests and evaluation need."""
+    """Everything needed to rebuild a model and feed it: the timm name and its kwargs, the
+    preprocessing and class names that export manifests and evaluation need, and the ordered
+    record of modes applied to it (``effvision.models.modes``: prune, quantize, reduce_tokens...)."""
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -39,25 +44,39 @@ class ModelSpec:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     class_names: list[str] = field(default_factory=list)
-    # Pruned models: tensor shapes and module attributes that differ from the dense model
-    # (effvision.compress.arch); None for a dense model.
-    pruned: dict[str, Any] | None = None
-    # Model transforms re-applied in order after pruning, before quantization
-    # (effvision.models.transforms): [{"name": registered name, **params}, ...]
-    transforms: list[dict[str, Any]] = field(default_factory=list)
+    # What was done to the timm model, oldest first: [{"mode", "version", "config", "metadata"}, ...]
+    modes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        return json.dumps({"format": SPEC_FORMAT, **dataclasses.asdict(self)}, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
-        data = json.loads(text)
+    def from_dict(cls, data: dict[str, Any], quant: dict[str, Any] | None = None, where: str = "model spec"
+                  ) -> "ModelSpec":
+        """A spec from its JSON data; a spec written before the mode record (``pruned``,
+        ``transforms``, and ``quant`` read from its dir's quant.json) is migrated to one."""
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise EffVisionError(f"{where}: not a model spec (a JSON object with a 'name')")
+        if not isinstance(data.get("format", 1), int) or data.get("format", 1) > SPEC_FORMAT:
+            raise EffVisionError(f"{where}: format {data.get('format')!r} is newer than this effvision reads "
+                                 f"({SPEC_FORMAT}); upgrade effvision")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        spec = cls(**{k: v for k, v in data.items() if k in known})
+        if "modes" not in data:  # before the record: today's reader migrates it
+            spec.modes = migrate_legacy(data.get("pruned"), list(data.get("transforms") or []), quant, where)
+        elif not isinstance(spec.modes, list):
+            raise EffVisionError(f"{where}: 'modes' is not a list")
+        return spec
+
+    @classmethod
+    def from_json(cls, text: str, quant: dict[str, Any] | None = None, where: str = "model spec") -> "ModelSpec":
+        return cls.from_dict(json.loads(text), quant, where)
 
 
 def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
-    """``timm.create_model`` with a clear error for unknown names."""
+    """``timm.create_model`` with a clear error for unknown names, then the spec's modes replayed
+    (pruned shapes, token reduction, fake-quant layers, ...), so the weights of a model saved with
+    this spec load strictly. The model carries its record (``modes.record_of``)."""
     import effvision.models.small_vit  # noqa: F401  (registration)
 
     if not timm.is_model(spec.name):
@@ -65,23 +84,17 @@ def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise EffVisionError(f"unknown model '{spec.name}'{hint} (see `effvision models`)")
     try:
-        model = timm.create_model(spec.name, pretrained=pretrained and not spec.pruned,
+        model = timm.create_model(spec.name, pretrained=pretrained and not spec.modes,
                                   num_classes=spec.num_classes, in_chans=spec.in_chans, **spec.kwargs)
     except TypeError as e:
-        raise EffVisionError(f"model '{spec.name}' rejected its kwargs {spec.kwargs}: {e}") from None
+        raise EffVisionError(f"model '{spec.name}' rejected its kwargs {spec.kwargs}: {e}") from e
     except Exception as e:  # hub/network failures come in many types
         if not pretrained:
             raise
         raise EffVisionError(f"pretrained weights for '{spec.name}' are not available here: "
-                             f"{str(e).strip().splitlines()[0]}") from None
-    if spec.pruned:
-        from ..compress.arch import apply_pruned
-
-        apply_pruned(model, spec.pruned)
-    if spec.transforms:
-        from .transforms import apply_transforms
-
-        apply_transforms(model, spec.transforms)
+                             f"{str(e).strip().splitlines()[0]}") from e
+    restore_modes(model, spec.modes)
+    model._effvision_spec = dataclasses.replace(spec, modes=[])  # the base spec: ev.save needs no arguments
     return model
 
 
@@ -91,26 +104,33 @@ def similar_model_names(name: str, n: int = 5) -> list[str]:
 
 
 def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path:
+    """A model dir: model.safetensors, then config.json (timm's hub layout) and model.json (the
+    spec with the model's mode record) written last, so a reader that sees model.json finds
+    everything it describes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    plain = _unwrap(model)
+    # The model's own record (set by create_model and every mode's verb); a module effvision never
+    # touched keeps the spec's.
+    modes = record_of(plain) if hasattr(plain, RECORD_ATTR) else list(spec.modes)
+    spec = dataclasses.replace(spec, modes=modes)
+    state = {k: v.detach().contiguous().cpu() for k, v in plain.state_dict().items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(directory / WEIGHTS_FILE)
-    # A quantized dir (quant.json written first) holds fake-quant parameters timm does not know.
-    quantized = (directory / "quant.json").is_file()
-    atomic_write_text(directory / TIMM_CONFIG_FILE, json.dumps(timm_config(spec, quantized), indent=2))
+    atomic_write_text(directory / TIMM_CONFIG_FILE, json.dumps(timm_config(spec), indent=2))
     atomic_write_text(directory / SPEC_FILE, spec.to_json())
     return directory
 
 
-def timm_config(spec: ModelSpec, quantized: bool = False) -> dict[str, Any]:
+def timm_config(spec: ModelSpec) -> dict[str, Any]:
     """The model dir's ``config.json`` in timm's hub layout (architecture, num_classes, label
     names, model_args and pretrained_cfg with the input size and normalization), so timm and
     tools built on it load a dense model dir as ``timm.create_model("local-dir:DIR",
     pretrained=True)``. Written here rather than by timm's ``save_config_for_hf``, whose
-    arguments differ across the timm 1.0.x releases effvision supports. A pruned model's
-    shapes are not a timm architecture: ``effvision.models.load_model(DIR)`` rebuilds it."""
+    arguments differ across the timm 1.0.x releases effvision supports. A model with modes (pruned
+    shapes, fake-quant layers, ...) is not a plain timm architecture: ``effvision.models.load_model(DIR)``
+    rebuilds it."""
     cfg: dict[str, Any] = {
         "architecture": spec.name,
         "num_classes": spec.num_classes,
@@ -121,30 +141,50 @@ def timm_config(spec: ModelSpec, quantized: bool = False) -> dict[str, Any]:
     }
     if spec.class_names:
         cfg["label_names"] = list(spec.class_names)
-    if spec.pruned or quantized:
+    if spec.modes:
         # Not a plain timm checkpoint: timm's strict load would fail on it; effvision rebuilds it.
-        cfg["effvision"] = {"pruned": bool(spec.pruned), "quantized": quantized,
-                            "load_with": "effvision.models.load_model(DIR)"}
+        cfg["effvision"] = {"modes": [m["mode"] for m in spec.modes], "load_with": "effvision.models.load_model(DIR)"}
     return cfg
 
 
-def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+def read_spec(directory: str | Path) -> ModelSpec:
+    """The spec of a model dir (a dir written before the mode record is migrated, quant.json included)."""
     directory = Path(directory)
-    spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
-    if not spec_path.is_file() or not weights_path.is_file():
+    spec_path = directory / SPEC_FILE
+    if not spec_path.is_file():
         raise EffVisionError(f"no model in {directory} (expected {SPEC_FILE} and {WEIGHTS_FILE})")
     try:
-        spec = ModelSpec.from_json(spec_path.read_text(encoding="utf-8"))
-    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise EffVisionError(f"corrupt model spec {spec_path}: {e}") from None
-    model = create_model(spec)
-    from ..compress.quantize.persist import apply_quant_spec, read_quant_spec  # quantized: fake-quant modules first
+        data = json.loads(spec_path.read_text(encoding="utf-8"))
+        quant = None
+        if isinstance(data, dict) and "modes" not in data and (directory / LEGACY_QUANT_FILE).is_file():
+            quant = json.loads((directory / LEGACY_QUANT_FILE).read_text(encoding="utf-8"))
+            if quant.get("version") != 1:
+                raise EffVisionError(f"{directory / LEGACY_QUANT_FILE}: unsupported version {quant.get('version')} "
+                                     f"(this effvision reads 1)")
+    except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise EffVisionError(f"corrupt model spec in {directory}: {e}") from e
+    try:
+        return ModelSpec.from_dict(data, quant, where=str(spec_path))
+    except TypeError as e:
+        raise EffVisionError(f"corrupt model spec {spec_path}: {e}") from e
 
-    quant = read_quant_spec(directory)
-    if quant is not None:
-        apply_quant_spec(model, quant)
-    load_weights(model, weights_path, map_location)
+
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """(model, spec) of a model dir: the timm model, its modes replayed, its weights loaded strictly."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise EffVisionError(f"no model in {directory} (expected {SPEC_FILE} and {WEIGHTS_FILE})")
+    spec = read_spec(directory)
+    model = create_model(spec)
+    load_weights(model, directory / WEIGHTS_FILE, map_location)
     return model, spec
+
+
+def spec_of_model(model: nn.Module) -> ModelSpec | None:
+    """The spec a model was built from by ``create_model``/``load_model``, with its current record."""
+    plain = _unwrap(model)
+    base = getattr(plain, "_effvision_spec", None)
+    return None if base is None else dataclasses.replace(base, modes=record_of(plain))
 
 
 def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu", prefix: str = "") -> None:
@@ -152,7 +192,7 @@ def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.d
     try:
         state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
-        raise EffVisionError(f"corrupt checkpoint {path}: {e}") from None
+        raise EffVisionError(f"corrupt checkpoint {path}: {e}") from e
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     try:
@@ -160,7 +200,7 @@ def load_weights(model: nn.Module, path: str | Path, map_location: str | torch.d
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
-        raise EffVisionError(f"checkpoint {path} does not match the model: {detail}") from None
+        raise EffVisionError(f"checkpoint {path} does not match the model: {detail}") from e
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

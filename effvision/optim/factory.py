@@ -38,7 +38,7 @@ def build_galore(model: nn.Module, cfg: OptimizerConfig) -> GaLoreOptimizer:
         try:
             return GaLoreAdafactor(groups, **common, **extra)
         except TypeError as e:
-            raise ConfigError(f"optimizer.kwargs for {cfg.name}: {e}") from None
+            raise ConfigError(f"optimizer.kwargs for {cfg.name}: {e}") from e
     if cfg.betas is not None:
         extra["betas"] = tuple(cfg.betas)
     if cfg.eps is not None:
@@ -47,7 +47,7 @@ def build_galore(model: nn.Module, cfg: OptimizerConfig) -> GaLoreOptimizer:
     try:
         return cls(groups, **common, **extra)
     except TypeError as e:  # an unknown key in optimizer.kwargs
-        raise ConfigError(f"optimizer.kwargs for {cfg.name}: {e}") from None
+        raise ConfigError(f"optimizer.kwargs for {cfg.name}: {e}") from e
 
 
 for _name in ("galore_adamw", "galore_adamw8bit", "galore_adafactor"):

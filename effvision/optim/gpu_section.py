@@ -22,7 +22,7 @@ import torch
 
 from ..config import apply_overrides
 from ..engine.optim import OptimizerConfig
-from ..gpu_sections import derive_recipe, run_recipe, seconds_left
+from ..benchmarks.registry import derive_recipe, run_recipe, seconds_left
 from .bench import bench_optimizer
 
 __all__ = ["galore_section", "galore_markdown"]

@@ -71,7 +71,7 @@ def refresh_projector(state: dict, grad2d: torch.Tensor, rank: int, side: Side, 
     except (torch.linalg.LinAlgError, RuntimeError) as e:
         if "proj" not in state:
             raise TrainingDiverged(f"the SVD of a {tuple(grad2d.shape)} gradient failed before any projector "
-                                   f"existed ({e}); is the gradient finite?") from None
+                                   f"existed ({e}); is the gradient finite?") from e
         state["svd_failures"] = state.get("svd_failures", 0) + 1
         warnings.warn(f"GaLore: SVD of a {tuple(grad2d.shape)} gradient failed ({e}); keeping the previous projector",
                       RuntimeWarning, stacklevel=3)

@@ -35,7 +35,7 @@ def split_params(model: nn.Module, targets: Sequence[str] | None = None) -> Para
         try:
             patterns.append(re.compile(t))
         except re.error as e:
-            raise ConfigError(f"GaLore target pattern {t!r} is not a valid regular expression: {e}") from None
+            raise ConfigError(f"GaLore target pattern {t!r} is not a valid regular expression: {e}") from e
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     split = ParamSplit([], [], [])

@@ -1,13 +1,10 @@
-"""Recipe stages, registered by type. Later features add theirs with ``register_stage``."""
-from .base import MODEL_DIR, STAGES, SUMMARY_FILE, Stage, StageContext, register_stage
-from . import bench, evaluate, export, train  # noqa: F401,E402  (registration)
-from . import finetune, prune  # noqa: F401,E402  (registration: effvision.compress)
-from . import quantize  # noqa: F401,E402  (registration)
-from . import contextual_sparsity, early_exit, reduce_tokens  # noqa: F401,E402  (registration: effvision.dynamic)
+"""Recipe stages. The core ones live here (train, finetune, eval, export, bench); each technique
+registers its own from its package's ``plugin.py`` (prune, quantize, reduce_tokens, ...), and
+``stage_types()`` lists them all. The framework (Stage, StageContext, the registry) is
+``effvision.engine.stage``."""
+from ..engine.stage import MODEL_DIR, SUMMARY_FILE, Stage, StageContext, register_stage, stage_dirs, stage_types
+from . import bench, evaluate, export, train  # noqa: F401  (registration of the core stages)
+from .preflight import preflight
 
-from . import assemble, grow  # noqa: F401,E402  (registration: effvision.assemble)
-
-from . import sparse_attention  # noqa: F401,E402  (registration: effvision.attention)
-
-__all__ = ["MODEL_DIR", "STAGES", "SUMMARY_FILE", "Stage", "StageContext", "register_stage"]
-from . import detection  # noqa: F401,E402  (train_detection, eval_detection, export_detection)
+__all__ = ["MODEL_DIR", "SUMMARY_FILE", "Stage", "StageContext", "register_stage", "stage_dirs", "stage_types",
+           "preflight"]

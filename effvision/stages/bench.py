@@ -7,7 +7,7 @@ from typing import Any, Literal
 from ..bench import BACKENDS, benchmark
 from ..errors import ConfigError
 from ..io import atomic_write_json
-from .base import Stage, register_stage
+from ..engine.stage import Stage, register_stage
 
 __all__ = ["BenchConfig", "BenchStage", "plot_throughput"]
 

@@ -8,8 +8,8 @@ from typing import Any, Literal
 from ..engine.evaluate import evaluate
 from ..models.catalog import count_params_macs
 from ..models.io import load_model
-from .base import Stage, register_stage
-from .common import build_recipe_loaders
+from ..engine.stage import Stage, register_stage
+from ..engine.stage import build_recipe_loaders
 
 __all__ = ["EvalConfig", "EvalStage", "evaluate_model_dir"]
 

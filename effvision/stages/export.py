@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import ConfigError
-from .base import Stage, register_stage
+from ..engine.stage import Stage, register_stage
 
 __all__ = ["ExportConfig", "ExportStage"]
 

@@ -3,7 +3,7 @@
 1. Time to the dense recipe's final accuracy with random-LTD (target <= 0.7x dense's training
    time), from per-epoch evaluations (evaluation is off the clock).
 2. Accuracy at fixed training budgets (``budget_s`` 60 s and 120 s) for dense, random-LTD,
-   curriculum (progressive resizing, effvision.data.curriculum) and both; under a budget every
+   curriculum (progressive resizing, effvision.curriculum) and both; under a budget every
    schedule (LR, kept tokens, resolution) runs on the budget clock.
 3. A plot: test accuracy against training wall-clock for every run (PNG in the runs dir).
 Runs that would end past ``args.deadline`` are skipped (a row says so).

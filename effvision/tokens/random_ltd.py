@@ -199,3 +199,17 @@ def remove_token_drop(model: nn.Module) -> nn.Module:
             m.__class__ = type(m).__mro__[2]
             del m._ltd, m._ltd_prefix
     return model
+
+
+def setup_token_drop(blocks: dict[str, Any], ts: Any) -> None:
+    """Trainer extension (``token_drop``): the model's (the student's) blocks drop tokens."""
+    apply_token_drop(ts.model, blocks["token_drop"], ts.hooks, seed=ts.seed, rank=ts.dist.rank,
+                     where=f"{ts.where}.token_drop")
+
+
+def preflight_token_drop(blocks: dict[str, Any], recipe: Any, index: int, where: str,
+                         skeleton: Callable[[], nn.Module | None]) -> None:
+    """Before the run: block indices, start_tokens and transformer blocks on the recipe's model."""
+    model = skeleton()
+    if model is not None:
+        check_token_drop(model, blocks["token_drop"], f"{where}.token_drop")

@@ -12,11 +12,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ...errors import EffVisionError
+from ...models.modes import add_mode, check_next, record_of, update_metadata
 from .calibrate import calibrate, calibrate_with
 from .config import QuantConfig
 from .fake_quant import QuantLinear, quant_modules, swap_module
+from .persist import MODE
 
-__all__ = ["quantize_", "QuantReport", "unquantize_module", "top1"]
+__all__ = ["quantize_", "QuantReport", "unquantize_module", "update_quant_record", "top1"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W), labels (B,)
 
@@ -59,7 +61,9 @@ def check_calibration_set(batches: list[Batch], cfg: QuantConfig) -> int:
 def quantize_(model: nn.Module, cfg: QuantConfig, calib: list[Batch] | Callable[[nn.Module], Any],
               val: list[Batch] | None = None, progress: bool = True) -> QuantReport:
     """``calib``: (x, y) batches, or a forward loop ``calib(model)`` that runs the calibration
-    data through the model (ModelOpt's convention; any data pipeline, any input format)."""
+    data through the model (ModelOpt's convention; any data pipeline, any input format). The
+    model's record gains a ``quantize`` entry (the config, and the quantized modules)."""
+    check_next(record_of(model), MODE)  # e.g. quantized already: refused before any work
     if not callable(calib):
         check_calibration_set(calib, cfg)
     targets = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)
@@ -88,7 +92,16 @@ def quantize_(model: nn.Module, cfg: QuantConfig, calib: list[Batch] | Callable[
             if float_top1 - report.quant_top1 <= cfg.accuracy_budget:
                 break
         report.quantized = sorted(quant_modules(model))
+    add_mode(model, MODE, cfg, {"modules": report.quantized, "calibration": {"method": cfg.calib_method,
+                                "batches": cfg.calib_batches, "samples": seen},
+                                "fallback": report.fallback, "int8_layers": {"mode": "all"}})
     return report
+
+
+def update_quant_record(model: nn.Module, **metadata: Any) -> None:
+    """After a verb that changes which layers stay quantized (``measured``): the record's
+    ``quantize`` entry names the quantized modules again, with ``metadata`` merged in."""
+    update_metadata(model, MODE, modules=sorted(quant_modules(model)), **metadata)
 
 
 def _set_enabled(m: nn.Module, on: bool) -> None:

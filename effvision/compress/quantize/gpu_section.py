@@ -20,9 +20,9 @@ MODEL = "deit_tiny_patch16_224"
 
 def quantize_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     from effvision.bench import benchmark
-    from effvision.gpu_sections import seconds_left
+    from effvision.benchmarks.registry import seconds_left
 
-    from . import quant_spec, quantize_, write_quant_spec
+    from . import quantize_
 
     toy = getattr(args, "toy", False)
     model_name, size, batch = ("vit_micro_patch4_32", 32, 2) if toy else (MODEL, 224, 256)
@@ -56,7 +56,6 @@ def quantize_section(args: argparse.Namespace) -> list[dict[str, Any]]:
             agree = float((out.argmax(1) == ref_out.argmax(1)).float().mean())
             row = {"what": f"fake-quant {precision}", "top1_agreement_vs_fp32": agree}
             d = Path(tmp) / precision
-            write_quant_spec(d, quant_spec(model, precision, "tensorrt", False))
             save_model(model.cpu(), ModelSpec(name=model_name, num_classes=model.num_classes, img_size=size), d)
             if seconds_left(args) > 60:  # the QDQ export and its parity checks take ~30 s at 224x224
                 row.update(_engine(d, precision))

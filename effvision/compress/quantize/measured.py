@@ -18,7 +18,7 @@ all-float by the same rule: it stands unless one of those beats it in int8_min_w
 rounds (groups interact: Q/DQ at a float/INT8 border costs time of its own).
 
 The verdict turns float groups back into plain nn.Linear/nn.Conv2d (``unquantize_module``),
-so quant.json, the PyTorch model and every later export agree, and parity checks still hold."""
+so the model's record, the PyTorch model and every later export agree, and parity checks still hold."""
 from __future__ import annotations
 
 import ast
@@ -36,7 +36,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ...errors import ConfigError, EffVisionError
-from .api import unquantize_module
+from .api import unquantize_module, update_quant_record
 from .config import QuantConfig
 from .fake_quant import quant_modules
 
@@ -176,7 +176,8 @@ def drop_qdq(model: onnx.ModelProto, modules: set[str]) -> onnx.ModelProto:
 
 def measure_int8_layers_(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int],
                          runtime: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Measure each group, return float groups to float in place; returns the record for quant.json."""
+    """Measure each group, return float groups to float in place; returns the measurement, which
+    the model's ``quantize`` record keeps as ``int8_layers`` (with the modules still quantized)."""
     from effvision.export import OnnxExportConfig, export_onnx
 
     from .qdq_op import onnx_translations
@@ -216,7 +217,7 @@ def measure_int8_layers_(model: nn.Module, cfg: QuantConfig, input_shape: tuple[
     for g in float_groups:
         for n in groups[g]:
             unquantize_module(mods[n])
-    return {
+    measured = {
         "mode": "measured", "runtime": _runtime_name(runtime), "target": cfg.target,
         **({"note": "measured in onnxruntime on the CPU, not in TensorRT (not available here)"}
            if runtime == "onnxruntime" and cfg.target == "tensorrt" else {}),
@@ -227,6 +228,8 @@ def measure_int8_layers_(model: nn.Module, cfg: QuantConfig, input_shape: tuple[
                        "int8": g not in float_groups} for g in groups},
         "final": {"chosen": chosen, **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in final_times.items()}},
     }
+    update_quant_record(model, int8_layers=measured)
+    return measured
 
 
 def _runtime_name(runtime: str) -> str:

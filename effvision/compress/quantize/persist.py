@@ -1,54 +1,63 @@
 """A quantized model on disk: the usual spec + safetensors (the calibrated amax values are
-buffers in the state dict) plus quant.json naming the quantized modules and the format, so
-``effvision.models.io.load_model`` rebuilds the fake-quant model in a fresh process, no pickle."""
+buffers in the state dict), with the ``quantize`` mode in the spec's record naming the format
+and the quantized modules, so ``effvision.models.io.load_model`` rebuilds the fake-quant model
+in a fresh process, no pickle. (Model dirs from before the record kept this in quant.json;
+``models.io.read_spec`` migrates them.)"""
 from __future__ import annotations
 
-import json
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
 from ...errors import EffVisionError
-from ...io import atomic_write_text
-from .fake_quant import quant_modules, swap_module
+from ...models.io import ModelSpec, read_spec
+from ...models.modes import find_mode
+from .fake_quant import Quantizer, swap_module
 
-__all__ = ["QUANT_FILE", "write_quant_spec", "apply_quant_spec", "read_quant_spec"]
+__all__ = ["MODE", "restore_quantized", "quantization", "quantizers_off", "read_quant_spec"]
 
-QUANT_FILE = "quant.json"
-_VERSION = 1
-
-
-def quant_spec(model: nn.Module, precision: str, target: str, learnable: bool, **extra: Any) -> dict[str, Any]:
-    return {"version": _VERSION, "precision": precision, "target": target, "learnable_scales": learnable,
-            "modules": sorted(quant_modules(model)), **extra}
+MODE = "quantize"
 
 
-def write_quant_spec(directory: str | Path, spec: dict[str, Any]) -> Path:
-    path = Path(directory) / QUANT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(spec, indent=2))
-    return path
+def restore_quantized(model: nn.Module, config: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """The ``quantize`` mode's restore: the named modules swapped to their fake-quant form (the
+    calibrated ranges then load with the weights)."""
+    modules = dict(model.named_modules())
+    for name in metadata["modules"]:
+        if name not in modules:
+            raise EffVisionError(f"quantized module '{name}' is not in the model")
+        swap_module(modules[name], config["precision"], config.get("learnable_scales", False),
+                    config["target"] == "ort-cpu")
+
+
+def quantization(spec: ModelSpec) -> dict[str, Any] | None:
+    """The quantization a spec's record holds, flat (precision, target, learnable_scales, modules,
+    calibration, fallback, int8_layers: what exports and manifests report), or None."""
+    entry = find_mode(spec.modes, MODE)
+    if entry is None:
+        return None
+    cfg = entry["config"]
+    return {"precision": cfg["precision"], "target": cfg["target"],
+            "learnable_scales": cfg.get("learnable_scales", False), **entry["metadata"]}
+
+
+@contextlib.contextmanager
+def quantizers_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its fake quantizers switched off (the float model: what onnxruntime's own
+    INT8 quantization starts from); switched back on after."""
+    quantizers = [q for q in model.modules() if isinstance(q, Quantizer) and q.enabled]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield model
+    finally:
+        for q in quantizers:
+            q.enabled = True
 
 
 def read_quant_spec(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / QUANT_FILE
-    if not path.is_file():
-        return None
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EffVisionError(f"corrupt quantization spec {path}: {e}") from None
-    if spec.get("version") != _VERSION:
-        raise EffVisionError(f"{path}: unsupported version {spec.get('version')} (this effvision reads {_VERSION})")
-    return spec
-
-
-def apply_quant_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """Swap the named modules to their fake-quant form (weights then load as usual)."""
-    modules = dict(model.named_modules())
-    for name in spec["modules"]:
-        if name not in modules:
-            raise EffVisionError(f"quantized module '{name}' is not in the model")
-        swap_module(modules[name], spec["precision"], spec.get("learnable_scales", False), spec["target"] == "ort-cpu")
-    return model
+    """The quantization of the model dir ``directory`` (``quantization`` of its spec), or None."""
+    return quantization(read_spec(directory))
