@@ -230,10 +230,7 @@ def _check_carry(recipe: Any, index: int) -> None:
 class GrowStage(Stage):
     type = "grow"
     Config = GrowStageConfig
-
-    @classmethod
-    def modes(cls, cfg: Any) -> list[str]:
-        return [MODE]
+    mode = MODE
 
     @classmethod
     def preflight(cls, cfg: GrowStageConfig, recipe: Any, index: int) -> None:

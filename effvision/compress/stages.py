@@ -130,10 +130,7 @@ def _widths(model: nn.Module) -> dict[str, int]:
 class PruneStage(Stage):
     type = "prune"
     Config = PruneConfig
-
-    @classmethod
-    def modes(cls, cfg: Any) -> list[str]:
-        return [MODE]
+    mode = MODE
 
     @classmethod
     def preflight(cls, cfg: PruneConfig, recipe: Any, index: int) -> None:
@@ -195,10 +192,7 @@ class QuantizeConfig(QuantConfig):
 class QuantizeStage(Stage):
     type = "quantize"
     Config = QuantizeConfig
-
-    @classmethod
-    def modes(cls, cfg: Any) -> list[str]:
-        return [QUANTIZE]
+    mode = QUANTIZE
 
     def run(self) -> dict[str, Any]:
         cfg, ctx = self.cfg, self.ctx

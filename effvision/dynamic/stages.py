@@ -67,10 +67,7 @@ class EarlyExitStage(Stage):
     type = "early_exit"
     Config = EarlyExitStageConfig
     resumable = True  # the trainer's checkpoints hold the heads with the backbone
-
-    @classmethod
-    def modes(cls, cfg: Any) -> list[str]:
-        return [MODE]
+    mode = MODE
 
     @classmethod
     def preflight(cls, cfg: EarlyExitStageConfig, recipe: Any, index: int) -> None:
@@ -194,10 +191,7 @@ class ContextualSparsityConfig(ContextualConfig):
 class ContextualSparsityStage(Stage):
     type = "contextual_sparsity"
     Config = ContextualSparsityConfig
-
-    @classmethod
-    def modes(cls, cfg: Any) -> list[str]:
-        return [CONTEXTUAL]
+    mode = CONTEXTUAL
 
     @classmethod
     def preflight(cls, cfg: ContextualSparsityConfig, recipe: Any, index: int) -> None:

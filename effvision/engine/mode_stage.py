@@ -42,7 +42,7 @@ def mode_stage(type_name: str, config: type, convert: Convert, *, mode: str, cal
         bases=(config,), namespace={"__module__": config.__module__})
 
     class ModeStage(Stage):
-        __doc__ = doc or f"The {type_name} stage: the previous model with mode {mode} applied, evaluated before and after."
+        __doc__ = doc or f"The {type_name} stage: the previous model with mode {mode} applied, evaluated before/after."
         type = type_name
         Config = stage_config
 
@@ -50,10 +50,6 @@ def mode_stage(type_name: str, config: type, convert: Convert, *, mode: str, cal
         def preflight(cls, cfg: Any, recipe: Any, index: int) -> None:
             if preflight is not None:
                 preflight(library_config(cfg, config), recipe, index)
-
-        @classmethod
-        def modes(cls, cfg: Any) -> list[str]:
-            return [mode]
 
         def run(self) -> dict[str, Any]:
             t0 = time.perf_counter()
@@ -68,5 +64,6 @@ def mode_stage(type_name: str, config: type, convert: Convert, *, mode: str, cal
             return {"top1": after["top1"], "before": before, "after": after, **report, "model": spec.name,
                     "wall_time_s": time.perf_counter() - t0}
 
+    ModeStage.mode = mode
     ModeStage.__name__ = ModeStage.__qualname__ = f"{type_name.title().replace('_', '')}Stage"
     return ModeStage

@@ -163,6 +163,7 @@ class Stage:
     distributed: ClassVar[bool] = False  # runs on every torchrun process (else on rank 0 only)
     resumable: ClassVar[bool] = False    # continues from its own checkpoints on --resume
     new_record: ClassVar[bool] = False   # makes a new model whose record starts empty (assemble)
+    mode: ClassVar[str | None] = None    # the mode (models.modes) this stage applies to the model, if one
 
     def __init__(self, cfg: Any, ctx: StageContext) -> None:
         self.cfg, self.ctx = cfg, ctx
@@ -179,8 +180,9 @@ class Stage:
     @classmethod
     def modes(cls, cfg: Any) -> list[str]:
         """The modes (``models.modes``) this stage applies to the model, in order: preflight checks
-        their rules against the modes of the stages before it."""
-        return []
+        their rules against the modes of the stages before it. ``[mode]`` unless a stage's config
+        decides (training stages: their extensions')."""
+        return [cls.mode] if cls.mode else []
 
     def run(self) -> dict[str, Any]:
         """Do the work; return the summary (written to summary.json by the pipeline)."""
