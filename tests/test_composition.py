@@ -5,10 +5,10 @@ rule, before a run directory exists. The matrix this test checks is the one the 
 (``python tests/test_composition.py`` prints it)."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,15 +17,13 @@ import torch.nn as nn
 
 import effvision as ev
 from effvision.assemble.grow import GrowConfig, grow_model
-from effvision.attention import SparseAttentionConfig, sparsify_attention_
-from effvision.compress import PruneSpec, prune_
-from effvision.compress.quantize import QuantConfig, quantize_
-from effvision.dynamic import ContextualConfig, ExitConfig, TokenReduceConfig, attach_exits_, contextual_sparsity_, \
-    reduce_tokens_
-from effvision.dynamic.early_exit import set_exit_threshold_
+from effvision.attention import SparseAttentionConfig
+from effvision.compress import PruneSpec
+from effvision.compress.quantize import QuantConfig
+from effvision.dynamic import ContextualConfig, ExitConfig, TokenReduceConfig
 from effvision.export import OnnxExportConfig, export_model_dir
 from effvision.models.io import ModelSpec, create_model, save_model, spec_of_model
-from effvision.models.modes import ModeRuleError, check_next, record_of
+from effvision.models.modes import ModeRuleError, check_next, get_mode, record_of
 from effvision.recipe import parse_recipe
 from effvision.stages import preflight
 
@@ -36,58 +34,44 @@ CALIB = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) f
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
 
 
-def _prune(m: nn.Module) -> None:
-    prune_(m, PruneSpec(ratios={"heads": 0.34, "mlp": 0.5}), CALIB[0][:2])
-
-
-def _quantize(target: str) -> Callable[[nn.Module], None]:
-    def apply(m: nn.Module) -> None:
-        quantize_(m, QuantConfig(target=target, calib_batches=2, min_calib_samples=8),
-                  [(x, torch.zeros(len(x), dtype=torch.long)) for x in CALIB], progress=False)
-    return apply
-
-
-def _exits(m: nn.Module) -> None:
-    attach_exits_(m, ExitConfig(after=[0]))
-    set_exit_threshold_(m, 0.9)
-
-
 def _grow(m: nn.Module) -> nn.Module:
-    return grow_model(m, spec_of_model(m), GrowConfig(depth=3))[0]
+    return grow_model(m, spec_of_model(m), GrowConfig(depth=3))[0]  # a new model: growth has no in-place convert
 
 
-# name -> (the verb on a model (returns a new model where the verb makes one), the recipe stage that applies it)
-MODES: dict[str, tuple[Callable[[nn.Module], nn.Module | None], dict]] = {
-    "prune": (_prune, {"type": "prune", "heads": 0.34, "mlp": 0.5}),
-    "quantize ort-cpu": (_quantize("ort-cpu"), {"type": "quantize", "target": "ort-cpu"}),
-    "quantize tensorrt": (_quantize("tensorrt"), {"type": "quantize", "target": "tensorrt"}),
-    "reduce_tokens tome": (lambda m: reduce_tokens_(m, TokenReduceConfig(method="tome", r=4)) and None,
+# name -> (the mode, its config: applied with the mode's registered convert; the recipe stage that applies it)
+MODES: dict[str, tuple[str, object, dict]] = {
+    "prune": ("prune", PruneSpec(ratios={"heads": 0.34, "mlp": 0.5}), {"type": "prune", "heads": 0.34, "mlp": 0.5}),
+    "quantize ort-cpu": ("quantize", QuantConfig(target="ort-cpu", calib_batches=2, min_calib_samples=8),
+                         {"type": "quantize", "target": "ort-cpu"}),
+    "quantize tensorrt": ("quantize", QuantConfig(target="tensorrt", calib_batches=2, min_calib_samples=8),
+                          {"type": "quantize", "target": "tensorrt"}),
+    "reduce_tokens tome": ("reduce_tokens", TokenReduceConfig(method="tome", r=4),
                            {"type": "reduce_tokens", "method": "tome", "r": 4}),
-    "reduce_tokens evit": (lambda m: reduce_tokens_(m, TokenReduceConfig(method="evit", keep_rate=0.7)) and None,
+    "reduce_tokens evit": ("reduce_tokens", TokenReduceConfig(method="evit", keep_rate=0.7),
                            {"type": "reduce_tokens", "method": "evit", "keep_rate": 0.7}),
-    "sparse_attention": (lambda m: sparsify_attention_(m, SparseAttentionConfig(recovery=0.9, block=16), CALIB) and None,
+    "sparse_attention": ("sparse_attention", SparseAttentionConfig(recovery=0.9, block=16),
                          {"type": "sparse_attention", "recovery": 0.9, "block": 16}),
-    "contextual": (lambda m: contextual_sparsity_(m, ContextualConfig(head_keep=0.67, mlp_keep=0.5, rank=8, steps=20),
-                                                  CALIB) and None,
+    "contextual": ("contextual_sparsity", ContextualConfig(head_keep=0.67, mlp_keep=0.5, rank=8, steps=20),
                    {"type": "contextual_sparsity", "head_keep": 0.67, "mlp_keep": 0.5, "rank": 8, "steps": 20}),
-    "early_exit": (_exits, {"type": "early_exit", "epochs": 1, "exits": {"after": [0]}}),
-    "grow": (_grow, {"type": "grow", "depth": 3}),
+    "early_exit": ("early_exit", ExitConfig(after=[0], threshold=0.9), {"type": "early_exit", "epochs": 1,
+                                                                         "exits": {"after": [0]}}),
+    "grow": ("grow", GrowConfig(depth=3), {"type": "grow", "depth": 3}),
 }
-MODE_OF = {"prune": "prune", "quantize ort-cpu": "quantize", "quantize tensorrt": "quantize",
-           "reduce_tokens tome": "reduce_tokens", "reduce_tokens evit": "reduce_tokens",
-           "sparse_attention": "sparse_attention", "contextual": "contextual_sparsity", "early_exit": "early_exit",
-           "grow": "grow"}
+MODE_OF = {name: mode for name, (mode, _, _) in MODES.items()}
 PAIRS = [(a, b) for a in MODES for b in MODES]
 
 
 def _apply(model: nn.Module, name: str) -> nn.Module:
-    made = MODES[name][0](model)
-    return (made if made is not None else model).eval()
+    mode, cfg, _ = MODES[name]
+    if mode == "grow":
+        return _grow(model).eval()
+    get_mode(mode).convert(model, copy.deepcopy(cfg), CALIB)  # the mode's verb, from the registry
+    return model.eval()
 
 
 def _recipe(a: str, b: str) -> object:
     return parse_recipe({"name": "pair", "device": "cpu", "model": {"name": SPEC.name, "kwargs": dict(SPEC.kwargs)},
-                         "data": {"name": "digits"}, "stages": [MODES[a][1], MODES[b][1]]})
+                         "data": {"name": "digits"}, "stages": [MODES[a][2], MODES[b][2]]})
 
 
 def compose_all(out: Path) -> dict[tuple[str, str], str]:
@@ -182,7 +166,7 @@ def test_stages_compose_prune_quantize_then_qat_finetune(tmp_path: Path) -> None
     again; that dir then loads (and exports) like any other, and load -> save -> load holds."""
     recipe = tiny_recipe(tmp_path / "r.yaml", model={"kwargs": {"depth": 2}}, data={"limit_train": 128, "limit_eval": 64},
                          stages=[{"type": "train", "epochs": 1, "optimizer": {"name": "adamw", "lr": 2.0e-3}},
-                                 MODES["prune"][1], {**MODES["quantize ort-cpu"][1], "calib_batches": 1, "val_batches": 1},
+                                 MODES["prune"][2], {**MODES["quantize ort-cpu"][2], "calib_batches": 1, "val_batches": 1},
                                  {"type": "finetune", "epochs": 1, "amp": "off", "optimizer": {"name": "adamw", "lr": 1e-4}},
                                  {"type": "export"}])
     run = tmp_path / "run"
@@ -199,7 +183,7 @@ def test_stages_compose_prune_quantize_then_qat_finetune(tmp_path: Path) -> None
 
 
 def test_cli_refuses_an_impossible_order_before_any_run_directory(tmp_path: Path) -> None:
-    recipe = tiny_recipe(tmp_path / "r.yaml", stages=[MODES["quantize tensorrt"][1], MODES["reduce_tokens tome"][1],
+    recipe = tiny_recipe(tmp_path / "r.yaml", stages=[MODES["quantize tensorrt"][2], MODES["reduce_tokens tome"][2],
                                                       {"type": "export"}])
     r = cli("run", str(recipe), "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and not (tmp_path / "run").exists()

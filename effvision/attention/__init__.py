@@ -20,7 +20,7 @@ from .profile import SparseAttentionConfig, attention_maps, choose_policies
 
 __all__ = ["SparseAttentionConfig", "SparseAttention", "Grid", "sparsify_attention_", "apply_policies",
            "density_report", "model_grid", "read_policies", "attend", "pick_backend", "CUDA_RULES", "export_summary",
-           "MODE"]
+           "MODE", "convert_sparse"]
 
 
 def sparsify_attention_(model: nn.Module, cfg: SparseAttentionConfig, batches: Iterable[torch.Tensor],
@@ -40,3 +40,8 @@ def sparsify_attention_(model: nn.Module, cfg: SparseAttentionConfig, batches: I
     apply_policies(model, spec)
     add_mode(model, MODE, cfg, spec)
     return spec
+
+
+def convert_sparse(model: nn.Module, cfg: SparseAttentionConfig, calib: list[torch.Tensor] | None) -> dict[str, Any]:
+    """The ``sparse_attention`` mode's verb in the mode signature: profiled on ``calib``."""
+    return {"density": density_report(sparsify_attention_(model, cfg, calib or []))}

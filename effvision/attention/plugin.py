@@ -6,12 +6,13 @@ from ..benchmarks.registry import Section, register_section
 from ..engine.stage import register_stage
 from ..export.hooks import register_manifest_section
 from ..models.modes import Mode, register_mode
+from . import convert_sparse
 from .export import export_summary
 from .persist import MODE, legacy_policies, restore_policies
 from .profile import SparseAttentionConfig
 from .stage import SparseAttentionStage
 
-register_mode(Mode(MODE, version=1, restore=restore_policies, config=SparseAttentionConfig,
+register_mode(Mode(MODE, version=1, restore=restore_policies, config=SparseAttentionConfig, convert=convert_sparse,
                    prohibits=("prune", "reduce_tokens", "contextual_sparsity", MODE),
                    why="per-head policies hold for the heads and the token grid they were profiled on; prune, "
                        "reduce tokens or attach predictors before sparse_attention (profiled once)",

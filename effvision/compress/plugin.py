@@ -8,15 +8,17 @@ from ..export.hooks import register_float_view, register_onnx_translations, regi
 from ..engine.stage import register_stage
 from ..models.modes import ANY, Mode, register_mode
 from .distill_training import DistillConfig, preflight_distill, setup_distill
-from .prune import MODE as PRUNE, PruneSpec, restore_pruned
+from .prune import MODE as PRUNE, PruneSpec, convert_pruned, restore_pruned
 from .quantize import MODE as QUANTIZE, QuantConfig, restore_quantized
+from .quantize.api import convert_quantized
 from .quantize.persist import quantization, quantizers_off
 from .quantize.qat import setup_qat
 from .quantize.qdq_op import onnx_translations
 from .stages import PruneStage, QuantizeStage
 
-register_mode(Mode(PRUNE, version=1, restore=restore_pruned, config=PruneSpec))
-register_mode(Mode(QUANTIZE, version=1, restore=restore_quantized, config=QuantConfig, prohibits=(ANY,),
+register_mode(Mode(PRUNE, version=1, restore=restore_pruned, config=PruneSpec, convert=convert_pruned))
+register_mode(Mode(QUANTIZE, version=1, restore=restore_quantized, config=QuantConfig, convert=convert_quantized,
+                   prohibits=(ANY,),
                    why="quantize comes last (its calibrated ranges hold for the layers as they are); apply the "
                        "other change before quantize, or fine-tune the quantized model (QAT) with a finetune stage"))
 # qat quantizes the student before distillation wraps it; distillation wraps before the others change blocks

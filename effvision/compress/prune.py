@@ -35,8 +35,8 @@ from ..models.modes import add_mode, check_next, record_of
 from .arch import apply_pruned, architecture, describe_pruned
 from .importance import get_criterion
 
-__all__ = ["PruneSpec", "KINDS", "MODE", "DEFAULT_CRITERION", "prune_", "restore_pruned", "kinds_of", "check_ignored",
-           "model_macs_params"]
+__all__ = ["PruneSpec", "KINDS", "MODE", "DEFAULT_CRITERION", "prune_", "convert_pruned", "restore_pruned", "kinds_of",
+           "check_ignored", "model_macs_params"]
 
 KINDS = ("heads", "mlp", "width", "channels")
 MODE = "prune"
@@ -200,6 +200,17 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
                              f"{msg[:200]})") from e
     add_mode(model, MODE, spec, describe_pruned(model, before))
     return model
+
+
+def convert_pruned(model: nn.Module, spec: PruneSpec, calib: list[torch.Tensor] | None) -> dict[str, Any]:
+    """The ``prune`` mode's verb in the mode signature: the first calibration batch is the example
+    input; data-driven criteria (taylor, obd) see every batch (labels unknown: zeros)."""
+    if not calib:
+        raise EffVisionError("prune needs an example input batch (calibration images)")
+    batches = [(x, torch.zeros(len(x), dtype=torch.long, device=x.device)) for x in calib]
+    before = sum(p.numel() for p in model.parameters())
+    prune_(model, spec, calib[0][:2], batches)
+    return {"params_fraction": sum(p.numel() for p in model.parameters()) / before}
 
 
 def restore_pruned(model: nn.Module, config: dict[str, Any], metadata: dict[str, Any]) -> None:

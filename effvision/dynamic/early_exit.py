@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, EffVisionError
 from ..models.modes import add_mode, check_next, record_of, update_metadata
 
-__all__ = ["ExitConfig", "MODE", "attach_exits_", "set_exit_threshold_", "restore_exits", "exit_logits", "certainty",
+__all__ = ["ExitConfig", "MODE", "attach_exits_", "convert_exits", "set_exit_threshold_", "restore_exits", "exit_logits", "certainty",
            "calibrate_threshold", "run_early_exit", "ExitLoss"]
 
 MODE = "early_exit"
@@ -82,6 +82,13 @@ def attach_exits_(model: nn.Module, exits: ExitConfig | list[int]) -> nn.Module:
     model.exit_policy = (cfg.criterion, cfg.threshold)
     add_mode(model, MODE, cfg, {"threshold": cfg.threshold})
     return model
+
+
+def convert_exits(model: nn.Module, cfg: ExitConfig, calib: list[torch.Tensor] | None) -> dict[str, Any]:
+    """The ``early_exit`` mode's verb in the mode signature: the heads attached (untrained; the
+    early_exit stage trains them and calibrates the threshold)."""
+    attach_exits_(model, cfg)
+    return {"exits_after": list(cfg.after)}
 
 
 def set_exit_threshold_(model: nn.Module, threshold: float) -> None:

@@ -5,25 +5,29 @@ from __future__ import annotations
 
 from ..benchmarks.registry import Section, register_section
 from ..engine.extensions import TrainerExtension, register_extension
+from ..engine.mode_stage import mode_stage
 from ..engine.stage import register_stage
 from ..models.modes import ANY, Mode, register_mode
 from .contextual import MODE as CONTEXTUAL, ContextualConfig, legacy_contextual, restore_contextual
-from .early_exit import MODE as EARLY_EXIT, ExitConfig, legacy_exit, restore_exits
+from .contextual_train import contextual_sparsity_
+from .early_exit import MODE as EARLY_EXIT, ExitConfig, convert_exits, legacy_exit, restore_exits
 from .keep_schedule import KeepScheduleConfig, setup_keep_schedule
-from .reduce import MODE as REDUCE_TOKENS, TokenReduceConfig, restore_reduced
-from .stages import ContextualSparsityStage, EarlyExitStage, ReduceTokensStage
+from .reduce import MODE as REDUCE_TOKENS, TokenReduceConfig, convert_reduced, restore_reduced
+from .stages import ContextualSparsityStage, EarlyExitStage, reduce_preflight
 
-register_mode(Mode(REDUCE_TOKENS, version=1, restore=restore_reduced, config=TokenReduceConfig,
-                   prohibits=("prune", REDUCE_TOKENS, "sparse_attention", CONTEXTUAL, EARLY_EXIT),
-                   why="token reduction changes every later block's token count and swaps the blocks' class; "
-                       "prune, sparsify attention, attach exits or predictors before reduce_tokens",
-                   legacy=lambda params: (dict(params), {})))
-register_mode(Mode(EARLY_EXIT, version=1, restore=restore_exits, config=ExitConfig,
+REDUCE = register_mode(Mode(
+    REDUCE_TOKENS, version=1, restore=restore_reduced, config=TokenReduceConfig, convert=convert_reduced,
+    prohibits=("prune", REDUCE_TOKENS, "sparse_attention", CONTEXTUAL, EARLY_EXIT),
+    why="token reduction changes every later block's token count and swaps the blocks' class; "
+        "prune, sparsify attention, attach exits or predictors before reduce_tokens",
+    legacy=lambda params: (dict(params), {})))
+register_mode(Mode(EARLY_EXIT, version=1, restore=restore_exits, config=ExitConfig, convert=convert_exits,
                    prohibits=("prune", REDUCE_TOKENS, CONTEXTUAL, EARLY_EXIT),
                    why="the exit heads are sized and placed for the blocks as they are, and run them one by one; "
                        "prune, reduce tokens or attach predictors before early_exit",
                    legacy=legacy_exit))
-register_mode(Mode(CONTEXTUAL, version=1, restore=restore_contextual, config=ContextualConfig, prohibits=(ANY,),
+register_mode(Mode(CONTEXTUAL, version=1, restore=restore_contextual, config=ContextualConfig,
+                   convert=contextual_sparsity_, prohibits=(ANY,),
                    why="contextual sparsity computes each image's heads and neurons with its own gathered "
                        "kernels, which later changes would bypass; it comes last",
                    legacy=legacy_contextual))
@@ -31,7 +35,10 @@ register_mode(Mode(CONTEXTUAL, version=1, restore=restore_contextual, config=Con
 register_extension(TrainerExtension("keep_schedule", {"keep_schedule": KeepScheduleConfig}, setup_keep_schedule,
                                     order=40))
 
-for _stage in (ReduceTokensStage, EarlyExitStage, ContextualSparsityStage):
+register_stage(mode_stage("reduce_tokens", REDUCE, preflight=reduce_preflight,
+                          doc="The reduce_tokens stage: ToMe token merging or EViT token pruning on the newest "
+                              "model, training-free (a later finetune stage trains the reduced model)."))
+for _stage in (EarlyExitStage, ContextualSparsityStage):
     register_stage(_stage)
 register_section("dynamic", Section("effvision.dynamic.gpu_section:dynamic_section",
                                     "effvision.dynamic.gpu_section:dynamic_markdown", priority=45, share=0.05, min_s=30,

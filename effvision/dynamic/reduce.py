@@ -19,7 +19,8 @@ from .tokens import merge_bipartite, prune_by_score
 
 MODE = "reduce_tokens"
 
-__all__ = ["TokenReduceConfig", "MODE", "reduce_tokens_", "restore_reduced", "token_counts", "set_keep_rate_"]
+__all__ = ["TokenReduceConfig", "MODE", "reduce_tokens_", "convert_reduced", "restore_reduced", "token_counts",
+           "set_keep_rate_"]
 
 
 @dataclass
@@ -169,6 +170,11 @@ def reduce_tokens_(model: nn.Module, cfg: TokenReduceConfig) -> list[int]:
     counts = _reduce(model, cfg)
     add_mode(model, MODE, cfg, {"tokens_per_block": counts})
     return counts
+
+
+def convert_reduced(model: nn.Module, cfg: TokenReduceConfig, calib: list[torch.Tensor] | None) -> dict[str, Any]:
+    """The ``reduce_tokens`` mode's verb in the mode signature (training-free: no data)."""
+    return {"tokens_per_block": reduce_tokens_(model, cfg), "method": cfg.method}
 
 
 def restore_reduced(model: nn.Module, config: dict[str, Any], metadata: dict[str, Any]) -> None:

@@ -1,8 +1,8 @@
-"""The dynamic-inference stages: ``reduce_tokens`` (ToMe/EViT, training-free; the generic mode
-stage), ``early_exit`` (exit heads trained with the model, the threshold calibrated to an
+"""The dynamic-inference stages: ``early_exit`` (exit heads trained with the model, the threshold calibrated to an
 accuracy budget, batch-1 latency measured where early exit pays) and ``contextual_sparsity``
 (per-block head/neuron predictors trained against the oracle; recall, top-1 of dense vs oracle
-vs predicted, and CPU latency of dense vs the gather path)."""
+vs predicted, and CPU latency of dense vs the gather path); ``reduce_tokens`` is the generic
+mode stage (registered in plugin.py), with the preflight here."""
 from __future__ import annotations
 
 import itertools
@@ -18,7 +18,7 @@ import torch
 from ..engine import Hooks, TrainConfig
 from ..engine.evaluate import evaluate
 from ..engine.fit import fit
-from ..engine.mode_stage import library_config, mode_stage
+from ..engine.mode_stage import library_config
 from ..engine.stage import Stage
 from ..errors import ConfigError
 from .contextual import MODE as CONTEXTUAL, ContextualConfig, _shape, check_predictors_dir, contextual_macs, \
@@ -27,28 +27,18 @@ from .contextual_bench import dense_vs_sparse
 from .contextual_train import contextual_sparsity_, predictor_recall
 from .early_exit import (MODE, ExitConfig, ExitLoss, _check, attach_exits_, blocks_fraction, calibrate_threshold,
                          certainty, exit_logits, run_early_exit, set_exit_threshold_)
-from .reduce import MODE as REDUCE_TOKENS, TokenReduceConfig, reduce_tokens_, token_counts
+from .reduce import TokenReduceConfig, token_counts
 
-__all__ = ["ReduceTokensStage", "EarlyExitStageConfig", "EarlyExitStage", "ContextualSparsityConfig",
+__all__ = ["reduce_preflight", "EarlyExitStageConfig", "EarlyExitStage", "ContextualSparsityConfig",
            "ContextualSparsityStage"]
 
 
-def _reduce(model: torch.nn.Module, cfg: TokenReduceConfig, calib: Any) -> dict[str, Any]:
-    return {"tokens_per_block": reduce_tokens_(model, cfg), "method": cfg.method}
-
-
-def _reduce_preflight(cfg: TokenReduceConfig, recipe: Any, index: int) -> None:
+def reduce_preflight(cfg: TokenReduceConfig, recipe: Any, index: int) -> None:
     """Family, CLS token and merge counts, checked on the recipe's (dense) architecture: pruning
     changes widths, never token counts."""
     import effvision.models.small_vit  # noqa: F401  (registration)
 
     token_counts(timm.create_model(recipe.model.name, num_classes=2, **recipe.model.kwargs), cfg)
-
-
-ReduceTokensStage = mode_stage("reduce_tokens", TokenReduceConfig, _reduce, mode=REDUCE_TOKENS,
-                               preflight=_reduce_preflight,
-                               doc="The reduce_tokens stage: ToMe token merging or EViT token pruning on the newest "
-                                   "model, training-free (a later finetune stage trains the reduced model).")
 
 
 @dataclass

@@ -22,11 +22,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..errors import EffVisionError
 
-__all__ = ["Mode", "ModeRuleError", "register_mode", "get_mode", "registered_modes", "record_of", "set_record",
+__all__ = ["Mode", "Convert", "ModeRuleError", "register_mode", "get_mode", "registered_modes", "record_of", "set_record",
            "add_mode", "update_metadata", "check_next", "restore_modes", "find_mode", "migrate_legacy", "config_dict",
            "ANY"]
 
@@ -35,6 +36,8 @@ ANY = "*"  # in ``prohibits``: every mode, including those registered later
 
 Entry = dict[str, Any]
 Restore = Callable[[nn.Module, dict[str, Any], dict[str, Any]], None]
+# (model, config, calibration images (B, C, H, W) or None) -> a report: the verb in one signature
+Convert = Callable[[nn.Module, Any, "list[torch.Tensor] | None"], dict[str, Any]]
 
 
 class ModeRuleError(EffVisionError):
@@ -43,8 +46,10 @@ class ModeRuleError(EffVisionError):
 
 @dataclass(frozen=True)
 class Mode:
-    """One technique's change to a model. ``restore(model, config, metadata)`` rebuilds the change
-    on a fresh model (the weights load after it). ``prohibits`` names the modes that may not
+    """One technique's change to a model. ``convert(model, config, calib)`` is its verb in one
+    signature (in place; the record gains the entry): the generic mode stage and tools call it
+    (None where the verb makes a new model, as growth does). ``restore(model, config, metadata)``
+    rebuilds the change on a fresh model (the weights load after it). ``prohibits`` names the modes that may not
     follow this one (``ANY``: none may), ``only_after`` the modes allowed before it (None: any),
     and ``why`` says why, for the one-line refusal. ``upgrade[v]`` turns an entry of version v
     into one of version v + 1; ``legacy(params)`` turns a pre-record transform entry (model.json
@@ -54,6 +59,7 @@ class Mode:
     version: int
     restore: Restore
     config: type | None = None
+    convert: Convert | None = None
     prohibits: tuple[str, ...] = ()
     only_after: tuple[str, ...] | None = None
     why: str = ""

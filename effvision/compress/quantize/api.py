@@ -18,7 +18,7 @@ from .config import QuantConfig
 from .fake_quant import QuantLinear, quant_modules, swap_module
 from .persist import MODE
 
-__all__ = ["quantize_", "QuantReport", "unquantize_module", "update_quant_record", "top1"]
+__all__ = ["quantize_", "QuantReport", "convert_quantized", "unquantize_module", "update_quant_record", "top1"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W), labels (B,)
 
@@ -96,6 +96,12 @@ def quantize_(model: nn.Module, cfg: QuantConfig, calib: list[Batch] | Callable[
                                 "batches": cfg.calib_batches, "samples": seen},
                                 "fallback": report.fallback, "int8_layers": {"mode": "all"}})
     return report
+
+
+def convert_quantized(model: nn.Module, cfg: QuantConfig, calib: list[torch.Tensor] | None) -> dict[str, Any]:
+    """The ``quantize`` mode's verb in the mode signature: calibrated on ``calib``'s images."""
+    batches = [(x, torch.zeros(len(x), dtype=torch.long, device=x.device)) for x in calib or []]
+    return quantize_(model, cfg, batches, progress=False).to_dict()
 
 
 def update_quant_record(model: nn.Module, **metadata: Any) -> None:
