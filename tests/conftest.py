@@ -101,3 +101,14 @@ def _torch_state() -> Any:
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Per-machine caches (latency tables) go to a temporary folder, not the user's ~/.cache."""
     os.environ["EFFVISION_CACHE"] = str(tmp_path_factory.mktemp("effvision-cache"))
+
+
+# Files with the longest tests start first, so that under `pytest -n 2 --dist loadfile` (scripts/test.sh)
+# neither worker is left with a several-minute file at the end (CI durations, 2 cores).
+_FIRST = ("test_quickstart.py", "test_composition.py", "test_gpu_bench.py", "test_api.py", "test_recipes.py",
+          "test_token_drop.py", "test_ddp.py", "test_config.py", "test_resume.py", "test_extending.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))  # stable: the rest keep their order
