@@ -22,7 +22,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from effvision.compress.budget import BudgetSpec, _runner

@@ -69,7 +69,6 @@ def block_cover(token_mask: torch.Tensor, block: int) -> torch.Tensor:
     """(..., N, N) token mask -> (..., nb, nb) block mask: a block is on if any token in it is."""
     n = token_mask.shape[-1]
     nb = -(-n // block)
-    pad = nb * block - n
     m = token_mask.new_zeros(*token_mask.shape[:-2], nb * block, nb * block)
     m[..., :n, :n] = token_mask
     return m.reshape(*m.shape[:-2], nb, block, nb, block).any(-1).any(-2)

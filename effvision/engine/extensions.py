@@ -95,27 +95,26 @@ def extension_blocks(cfg: Any, ext: TrainerExtension) -> dict[str, Any]:
     return {k: getattr(cfg, k, None) for k in ext.keys}
 
 
-_CONFIG_CLASSES: dict[tuple[str, str], type] = {}
+_CONFIG_CLASSES: dict[str, type] = {}
 
 
-def train_config_class(stage_type: str, base: type = TrainConfig) -> type:
-    """``base`` plus one optional field per registered extension key (a recipe block), with the
+def train_config_class(stage_type: str) -> type:
+    """TrainConfig plus one optional field per registered extension key (a recipe block), with the
     stage's ``type``: the config of a training stage, made once per stage type."""
-    key = (stage_type, base.__qualname__)
-    if key not in _CONFIG_CLASSES:
+    if stage_type not in _CONFIG_CLASSES:
         exts = extensions()
         fields = [(k, typing.Optional[tp], dataclasses.field(default=None)) for e in exts for k, tp in e.keys.items()]
         fields.append(("type", str, dataclasses.field(default=stage_type)))
 
         def validate(self: Any, where: str) -> None:
-            base.validate(self, where)
+            TrainConfig.validate(self, where)
             for e in exts:
                 for k in e.keys:
                     block = getattr(self, k)
                     if block is not None and hasattr(block, "validate"):
                         block.validate(f"{where}.{k}")
 
-        cls = dataclasses.make_dataclass(f"{stage_type.title().replace('_', '')}Config", fields, bases=(base,),
-                                         namespace={"validate": validate, "__module__": __name__})
-        _CONFIG_CLASSES[key] = cls
-    return _CONFIG_CLASSES[key]
+        _CONFIG_CLASSES[stage_type] = dataclasses.make_dataclass(
+            f"{stage_type.title().replace('_', '')}Config", fields, bases=(TrainConfig,),
+            namespace={"validate": validate, "__module__": __name__})
+    return _CONFIG_CLASSES[stage_type]

@@ -4,7 +4,6 @@ come through here, so the registered trainer extensions (token_drop, curriculum,
 ...) set up the same way wherever their config keys appear."""
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,6 @@ def fit(model: nn.Module, cfg: TrainConfig, loaders: Loaders, *, device: torch.d
     for ext, blocks in active:
         if ext.started is not None:
             ts.summary.update(ext.started(blocks, ts, trainer))
-    t0 = time.perf_counter()
     result = trainer.fit(resume=resume)
-    return FitResult(model=ts.unwrap(result.model), metrics=result.metrics,
-                     train_time_s=getattr(result, "train_time_s", time.perf_counter() - t0), summary=ts.summary)
+    return FitResult(model=ts.unwrap(result.model), metrics=result.metrics, train_time_s=result.train_time_s,
+                     summary=ts.summary)
