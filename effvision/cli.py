@@ -6,14 +6,18 @@ code 2; --debug shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from .engine.preemption import PREEMPTED_EXIT, Preempted
 from .errors import EffVisionError
 
 __all__ = ["main", "build_parser"]
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file size limit
 
 EXPORT_FORMATS = {"onnx": "ONNX for onnxruntime and TensorRT (QDQ when quantized)",
                   "tensorrt": "ONNX plus a TensorRT engine (or build_engine.sh where TensorRT is missing)",
@@ -102,18 +106,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from effvision.export import OnnxExportConfig, export_model_dir
 
+    from .dirlock import DirLock
+
     src = Path(args.run_dir)
     model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
     out = Path(args.out) if args.out else src / f"export-{args.format}-opset{args.opset}"
-    if (args.format == "tensorrt" or args.precision != "auto" or args.target is not None or args.trt_check != "auto"
-            or args.ort_optimize):
-        from effvision.export.deploy_cli import export_for_target
+    with DirLock(out):  # one writer: a second export into the same folder stops at once
+        if (args.format == "tensorrt" or args.precision != "auto" or args.target is not None
+                or args.trt_check != "auto" or args.ort_optimize):
+            from effvision.export.deploy_cli import export_for_target
 
-        print(json.dumps(export_for_target(model_dir, out, args), indent=2))
-        return 0
-    cfg = OnnxExportConfig(opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
-                           dynamic_hw=args.dynamic_hw)
-    result = export_model_dir(model_dir, out, cfg, args.format)
+            result = export_for_target(model_dir, out, args)
+        else:
+            cfg = OnnxExportConfig(opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
+                                   dynamic_hw=args.dynamic_hw)
+            result = export_model_dir(model_dir, out, cfg, args.format)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -391,6 +398,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"effvision: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _DISK_FULL or args.debug:
+            raise
+        # Every write is a temporary file renamed into place: what was complete before stays.
+        print(f"effvision: error: {e.strerror} while writing {e.filename or 'a file'}; free space, then rerun "
+              f"(--resume continues a run from its last checkpoint)", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(f"effvision: preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         print("effvision: interrupted", file=sys.stderr)
         return 130

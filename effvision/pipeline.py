@@ -4,6 +4,8 @@ A stage is finished when its ``summary.json`` exists. A stage directory without 
 interrupted: ``--resume`` continues it (train stages from their last checkpoint; other
 stages start over, their partial output moved aside). A run directory made by a different
 recipe is never reused, so a rerun cannot overwrite results of another configuration.
+One process writes a run directory at a time (``DirLock``, held by rank 0), and a stop signal
+ends the run at the next step or stage boundary with a checkpoint (engine/preemption.py).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import torch
 import yaml
 
 from .config import apply_overrides, load_yaml
-from .engine.distributed import barrier, broadcast_object, init_distributed, shutdown
+from .dirlock import LOCK_FILE, DirLock
+from .engine.distributed import any_rank, barrier, broadcast_object, init_distributed, shutdown
+from .engine.preemption import Preempted, stop_on_signals, stop_requested
 from .errors import ConfigError, EffVisionError
 from .io import atomic_write_json, atomic_write_text
 from .recipe import Recipe, parse_recipe, recipe_to_dict
@@ -65,35 +69,46 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, overrides
 
     device = resolve_device(recipe.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device)
+    lock = DirLock(run_dir)
     try:
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         if recipe.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        # Rank 0 alone reads and changes the run directory; the others follow its decisions.
-        _on_main(dist, lambda: _prepare_run_dir(run_dir, resolved))
-        stages = stage_types()
-        for index, cfg in enumerate(recipe.stages, start=1):
-            stage_cls = stages[cfg.type]
-            stage_dir = run_dir / f"{index:02d}-{cfg.type}"
-            action = _on_main(dist, lambda: _prepare_stage_dir(stage_dir, run_dir, stage_cls.resumable, resume))
-            if action == "skip":
-                continue
-            torch.manual_seed(recipe.seed)
-            ctx = StageContext(recipe, run_dir, stage_dir, index, device, dist, resume=action == "resume")
-            t0 = time.perf_counter()
-            summary: dict[str, Any] = {}
-            if stage_cls.distributed or dist.is_main:
-                summary = stage_cls(cfg, ctx).run()
-            barrier()
-            if dist.is_main:
-                summary = {"stage": cfg.type, **summary, "stage_time_s": time.perf_counter() - t0}
-                atomic_write_json(stage_dir / SUMMARY_FILE, summary)
-                _print_summary(stage_dir.name, summary)
+        # Rank 0 alone locks, reads and changes the run directory; the others follow its decisions.
+        _on_main(dist, lambda: _prepare_run_dir(run_dir, resolved, lock))
+        with stop_on_signals():
+            _run_stages(recipe, run_dir, resume, device, dist)
     finally:
+        if dist.is_main:
+            lock.release()
         shutdown()
     return run_dir
+
+
+def _run_stages(recipe: Recipe, run_dir: Path, resume: bool, device: torch.device, dist: Any) -> None:
+    stages = stage_types()
+    for index, cfg in enumerate(recipe.stages, start=1):
+        stage_cls = stages[cfg.type]
+        stage_dir = run_dir / f"{index:02d}-{cfg.type}"
+        if any_rank(stop_requested() is not None, device):  # between stages: nothing to checkpoint
+            raise Preempted(f"stopped by {stop_requested() or 'a stop signal on another rank'} before stage "
+                            f"{stage_dir.name}; rerun with --resume to continue")
+        action = _on_main(dist, lambda: _prepare_stage_dir(stage_dir, run_dir, stage_cls.resumable, resume))
+        if action == "skip":
+            continue
+        torch.manual_seed(recipe.seed)
+        ctx = StageContext(recipe, run_dir, stage_dir, index, device, dist, resume=action == "resume")
+        t0 = time.perf_counter()
+        summary: dict[str, Any] = {}
+        if stage_cls.distributed or dist.is_main:
+            summary = stage_cls(cfg, ctx).run()
+        barrier()
+        if dist.is_main:
+            summary = {"stage": cfg.type, **summary, "stage_time_s": time.perf_counter() - t0}
+            atomic_write_json(stage_dir / SUMMARY_FILE, summary)
+            _print_summary(stage_dir.name, summary)
 
 
 def _on_main(dist, fn: Callable[[], Any]) -> Any:
@@ -110,8 +125,11 @@ def _on_main(dist, fn: Callable[[], Any]) -> Any:
     return result[1]
 
 
-def _prepare_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
+def _prepare_run_dir(run_dir: Path, resolved: dict[str, Any], lock: DirLock) -> None:
     recipe_file = run_dir / RECIPE_FILE
+    if not recipe_file.is_file() and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        raise EffVisionError(f"{run_dir} exists and is not an effvision run directory; choose another --out")
+    lock.acquire()  # before anything is read for a decision: a second writer stops here
     started = any(any(d.iterdir()) for d in stage_dirs(run_dir))
     if recipe_file.is_file() and not started:
         # A run that failed before any stage produced output holds nothing to protect:
@@ -127,10 +145,7 @@ def _prepare_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
         if diff:
             raise ConfigError(f"{run_dir} holds a run of a different recipe (differs at {diff}); "
                               f"choose another --out (nothing was overwritten)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise EffVisionError(f"{run_dir} exists and is not an effvision run directory; choose another --out")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(recipe_file, yaml.safe_dump(resolved, sort_keys=False))
         atomic_write_json(run_dir / "environment.json", run_environment())
 

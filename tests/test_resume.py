@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli, tiny_recipe
+from effvision.dirlock import LOCK_FILE
 
 # drop_path and mixup draw random numbers every step, so the RNG state and the data position
 # must both come back exactly for the weights to match.
@@ -39,6 +40,8 @@ def _start_and_kill(recipe: Path, run: Path, after_step: int, resume: bool, stag
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / stage / "summary.json").exists(), "the run finished before it could be killed"
+    # Its lock file stays behind; the lock itself died with the process and must not block a resume.
+    assert (run / LOCK_FILE).is_file()
 
 
 def _weights(run: Path, stage: str = "01-train") -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ not bit-identical across a resume, unlike the tensor path.
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -16,6 +17,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .tensor_loader import step_seed
 
 __all__ = ["FolderLoader", "OrderSampler"]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers outlive a SIGTERM sent to the whole job: the trainer finishes its step and
+    checkpoints first (engine/preemption.py), and torch stops the workers when it exits."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
 
 
 class OrderSampler(Sampler[int]):
@@ -82,7 +90,8 @@ class FolderLoader:
         """Every training sample in index order through the eval transform (scoring a curriculum)."""
         if self.plain is None:
             raise ValueError("this FolderLoader has no un-augmented view (plain)")
-        loader = DataLoader(self.plain(), batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        loader = DataLoader(self.plain(), batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
+                            worker_init_fn=_ignore_stop_signals)
         for x, y in loader:
             yield x.to(self.device), y.to(self.device)
 
@@ -94,7 +103,7 @@ class FolderLoader:
         loader = DataLoader(self.dataset, batch_size=self.per_rank, sampler=self.sampler,
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(step_seed(self.seed, epoch, start_step, self.rank)),
-                            persistent_workers=False, drop_last=False)
+                            persistent_workers=False, drop_last=False, worker_init_fn=_ignore_stop_signals)
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:

@@ -7,6 +7,7 @@ at any moment leaves either the previous checkpoint or the new one, never half o
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..errors import EffVisionError
 from ..io import atomic_write_text
@@ -28,6 +30,15 @@ _LATEST = "latest"
 _WEIGHTS = "weights.safetensors"
 _EMA = "ema.safetensors"
 _STATE = "state.pt"
+
+
+def _write(path: Path, data: bytes | memoryview) -> None:
+    """Plain file I/O, so a full disk is an OSError naming the file (safetensors' and torch's own
+    writers report it as SafetensorError or an "unexpected pos" RuntimeError)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass
@@ -61,10 +72,16 @@ class Checkpointer:
         tmp = self.dir / f".{name}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(_state_dict(model), str(tmp / _WEIGHTS))
-        if ema is not None:
-            save_file(_state_dict(ema), str(tmp / _EMA))
-        torch.save({**state, "position": vars(pos).copy()}, tmp / _STATE)
+        try:
+            _write(tmp / _WEIGHTS, safetensors_bytes(_state_dict(model)))
+            if ema is not None:
+                _write(tmp / _EMA, safetensors_bytes(_state_dict(ema)))
+            buf = io.BytesIO()
+            torch.save({**state, "position": vars(pos).copy()}, buf)
+            _write(tmp / _STATE, buf.getbuffer())
+        except BaseException:  # a full disk, a kill: the previous checkpoint stays the newest, nothing half-written
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         final = self.dir / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_mean", "broadcast_object", "shutdown",
+__all__ = ["DistInfo", "init_distributed", "barrier", "all_reduce_mean", "any_rank", "broadcast_object", "shutdown",
            "cached_tensor"]
 
 
@@ -72,6 +72,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (the flag itself for one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def cached_tensor(path: Path, name: str, compute: Callable[[], torch.Tensor], *, is_main: bool = True,

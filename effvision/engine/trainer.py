@@ -34,12 +34,13 @@ from ..errors import EffVisionError, TrainingDiverged
 from ..io import append_jsonl, atomic_write_text
 from .checkpoint import Checkpointer, TrainPosition
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object
+from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object
 from .evaluate import autocast, evaluate
 from .fsdp import Sharded, local_values
 from .hooks import Hooks
 from .loggers import RunLogger
 from .optim import create_optimizer
+from .preemption import Preempted, stop_on_signals, stop_requested
 
 __all__ = ["Trainer", "TrainResult"]
 
@@ -206,6 +207,12 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
+        """Train to the end (or the budget). On SIGTERM/SIGUSR1: checkpoint after the current
+        step and raise ``Preempted`` (engine/preemption.py)."""
+        with stop_on_signals():
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainResult:
         pos = self._restore() if resume else TrainPosition()
         if pos.global_step and self.dist.is_main:
             print(f"resuming at epoch {pos.epoch}, step {pos.step} ({pos.global_step}/{self.total_steps} updates)")
@@ -256,6 +263,7 @@ class Trainer:
                 self.checkpoint_time += self.timer() - t_save
                 if last:
                     break
+                self._stop_if_requested(pos, saved=True)
         finally:
             bar.close()  # before any error message, so the message gets its own line
             if self.logger is not None:
@@ -313,16 +321,31 @@ class Trainer:
                     self.logger.step(record)
                 loss_sum.zero_()
                 window_start, window_images, window_steps = time.perf_counter(), 0, 0
+            saved = False
             if self.cfg.checkpoint_every and pos.global_step % self.cfg.checkpoint_every == 0 \
                     and step + 1 < self.steps_per_epoch:
                 self._check_finite(float(all_reduce_mean(loss_sum)), f"before step {pos.global_step}'s checkpoint")
                 self._save(pos)
+                saved = True
                 tick = self.timer()  # checkpoints are off the budget clock
+            if step + 1 < self.steps_per_epoch:  # at an epoch's end, fit saves and checks after it
+                self._stop_if_requested(pos, saved)
             if self.budget_spent():
                 if window_steps:
                     self._check_finite(float(all_reduce_mean(loss_sum)) / window_steps, f"epoch {epoch}, step {step}")
                 break
         return pos
+
+    def _stop_if_requested(self, pos: TrainPosition, saved: bool) -> None:
+        """Checkpoint at ``pos`` and raise ``Preempted`` if a stop signal reached any rank (all
+        ranks decide together, after the same step)."""
+        if not any_rank(stop_requested() is not None, self.device):
+            return
+        if not saved:
+            self._save(pos)
+        raise Preempted(f"stopped by {stop_requested() or 'a stop signal on another rank'} after update "
+                        f"{pos.global_step}/{self.total_steps} (epoch {pos.epoch}, step {pos.step}); "
+                        f"the checkpoint is in {self.checkpointer.dir}: rerun with --resume to continue")
 
     def _check_finite(self, loss: float, where: str) -> None:
         if not math.isfinite(loss):
