@@ -18,6 +18,7 @@ changes the model adds a mode to the record it carries (``effvision.models.modes
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import tempfile
@@ -33,6 +34,7 @@ from .compress.prune import PruneSpec, prune_
 from .compress.quantize import QuantConfig, QuantReport, quantize_
 from .config import field_default
 from .data.build import DataInfo, Loaders
+from .dirlock import DirLock
 from .engine import TrainConfig
 from .engine.extensions import TrainSetup
 from .engine.fit import fit
@@ -106,7 +108,8 @@ def train(model: nn.Module, data: Data, *, epochs: int = 1, lr: float = field_de
     train_view = _LoaderView(data, dev)
     loaders = Loaders(train=train_view, eval=_LoaderView(val, dev) if val is not None else train_view,
                       info=DataInfo(classes=[str(i) for i in range(num_classes)], mean=(), std=(), img_size=shape[-1]))
-    with tempfile.TemporaryDirectory() as tmp:
+    writer = DirLock(out_dir) if out_dir is not None else contextlib.nullcontext()  # one writer, as for a run
+    with tempfile.TemporaryDirectory() as tmp, writer:
         metrics = fit(model, cfg, loaders, device=dev, out_dir=Path(out_dir or tmp), num_classes=num_classes,
                       wrap=with_teacher if teacher is not None else None).metrics
     model.eval()
@@ -183,7 +186,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, format: str = "o
 
     if not (Path(model_dir) / SPEC_FILE).is_file() or not (Path(model_dir) / WEIGHTS_FILE).is_file():
         raise EffVisionError(f"no model in {model_dir}: save it first with effvision.save(model, DIR)")
-    return export_model_dir(model_dir, out_dir, OnnxExportConfig(**onnx), format)
+    with DirLock(out_dir):
+        return export_model_dir(model_dir, out_dir, OnnxExportConfig(**onnx), format)
 
 
 def _batches(data: Iterable[Any], limit: int) -> list[Batch]:
