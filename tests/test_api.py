@@ -2,6 +2,7 @@
 contracts of the recipe stages (saved dirs reload exactly, calibration as a forward loop)."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -48,6 +49,37 @@ def test_readme_example_runs_as_written(tmp_path: Path) -> None:
 def _micro() -> torch.nn.Module:
     torch.manual_seed(0)
     return timm.create_model("vit_micro_patch4_32", num_classes=10)
+
+
+def test_distill_follows_the_teacher() -> None:
+    """ev.distill as the README calls it (soft, alpha 0.5, T 2), with two different teachers: each
+    student ends closer (KL on the training images) to its own teacher than the other student is.
+    A distillation that ignored the teacher would train the same student twice."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)]
+    x = torch.cat([b[0] for b in data])
+
+    def teacher(seed: int) -> torch.nn.Module:  # a random linear map, scaled to confident logits
+        torch.manual_seed(seed)
+        t = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+        with torch.no_grad():
+            t[1].weight.mul_(5.0)
+        return t
+
+    def kl(t: torch.nn.Module, s: torch.nn.Module) -> float:  # KL(teacher || student), the KD direction
+        with torch.no_grad():
+            return float(torch.nn.functional.kl_div(s.eval()(x).log_softmax(-1), t.eval()(x).log_softmax(-1),
+                                                    reduction="batchmean", log_target=True))
+
+    teachers = {"a": teacher(1), "b": teacher(2)}
+    torch.manual_seed(0)
+    init = timm.create_model("vit_micro_patch4_32", depth=1, num_classes=10)
+    students = {k: copy.deepcopy(init) for k in teachers}
+    for k, s in students.items():
+        ev.distill(s, teachers[k], data, epochs=8, lr=3e-3)
+    for own, other in (("a", "b"), ("b", "a")):
+        mine, theirs = kl(teachers[own], students[own]), kl(teachers[own], students[other])
+        assert mine < 0.95 * theirs, (own, mine, theirs)
 
 
 def test_forward_loop_calibration_matches_batches() -> None:

@@ -15,13 +15,15 @@ pytestmark = pytest.mark.skipif(not _triton.HAVE_TRITON, reason="triton is not i
 
 
 @pytest.fixture
-def K(monkeypatch):
-    """kernels.block_sparse_attention with its kernels built for the interpreter."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def K():
+    """kernels.block_sparse_attention with its kernels built for the interpreter. Triton fixes a
+    kernel's mode when the module is imported, while ``use_triton`` reads TRITON_INTERPRET at each
+    call: so the environment is restored first (not deleted: the run may have set it), then the
+    module is rebuilt for it, or later tests would launch GPU kernels on CPU tensors."""
     import effvision.kernels.block_sparse_attention as mod
-    mod = importlib.reload(mod)
-    yield mod
-    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield importlib.reload(mod)
     importlib.reload(mod)
 
 

@@ -28,8 +28,8 @@ def _model() -> torch.nn.Module:
     return timm.create_model("vit_micro_patch4_32", depth=2)
 
 
-def _fit(tmp_path: Path, cfg: TrainConfig, loaders=None, **kw):
-    trainer = Trainer(_model(), cfg, loaders or _digits(), device=CPU, out_dir=tmp_path, num_classes=10,
+def _fit(tmp_path: Path, cfg: TrainConfig, loaders=None, model: torch.nn.Module | None = None, **kw):
+    trainer = Trainer(model or _model(), cfg, loaders or _digits(), device=CPU, out_dir=tmp_path, num_classes=10,
                       progress=False, **kw)
     return trainer, trainer.fit()
 
@@ -57,8 +57,15 @@ def test_ema_weights_are_kept_and_differ_from_raw(tmp_path: Path) -> None:
 
 def test_grad_checkpointing_matches_plain_training(tmp_path: Path) -> None:
     cfg = dict(epochs=1, eval_every=0, label_smoothing=0.0)
-    _, plain = _fit(tmp_path / "a", TrainConfig(**cfg))
-    _, ckpt = _fit(tmp_path / "b", TrainConfig(grad_checkpointing=True, **cfg))
+    runs = {}
+    for name, on in (("plain", False), ("ckpt", True)):
+        # Equal weights would also hold with checkpointing off: count a block's training forwards
+        # too. Checkpointing drops the block's activations and reruns it in backward: twice a step.
+        model, training = _model(), []
+        model.blocks[0].register_forward_pre_hook(lambda m, args: training.append(m.training))
+        runs[name] = _fit(tmp_path / name, TrainConfig(grad_checkpointing=on, **cfg), model=model)[1], sum(training)
+    (plain, plain_calls), (ckpt, ckpt_calls) = runs["plain"], runs["ckpt"]
+    assert (plain_calls, ckpt_calls) == (4, 8)  # 4 steps (256 samples / batch 64)
     for k, v in plain.model.state_dict().items():
         torch.testing.assert_close(ckpt.model.state_dict()[k], v, atol=1e-5, rtol=1e-5)
 

@@ -21,13 +21,14 @@ SHAPES = [(113, 203), (3000,), (1,), (257,), (17, 31, 3)]
 
 
 @pytest.fixture
-def K(monkeypatch):
-    """kernels.galore_adam with its kernels built for the interpreter (they are built at import)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def K():
+    """kernels.galore_adam with its kernels built for the interpreter (they are built at import).
+    Afterwards the module is rebuilt under the run's own TRITON_INTERPRET (set or not), so no
+    later test sees kernels built for another mode than the one its environment says."""
     import effvision.kernels.galore_adam as mod
-    mod = importlib.reload(mod)
-    yield mod
-    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield importlib.reload(mod)
     importlib.reload(mod)
 
 

@@ -39,6 +39,12 @@ def test_knapsack_is_optimal_within_capacity_and_deterministic() -> None:
     # non-integer costs, fine bins: never over capacity (costs round up)
     picks = solve_knapsack([[0.13, 0.31], [0.27, 0.52]], [[1, 2], [1, 3]], 0.70)
     assert picks == [0, 1]
+    # two wide options of 0.50024 each: 1000.48 steps of capacity/2000. Rounded up (1001 + 1001 >
+    # 2000) they do not fit together, as for real (1.00048 > 1); rounded down or to nearest
+    # (1000 + 1000) the DP would pick both, over capacity.
+    costs, values = [[0.1, 0.50024], [0.1, 0.50024]], [[0.0, 1.0], [0.0, 1.0]]
+    picks = solve_knapsack(costs, values, 1.0)
+    assert picks in ([0, 1], [1, 0]) and _brute(costs, values, 1.0) == 1.0
 
 
 def test_allocation_meets_the_estimated_budget_on_a_constructed_table() -> None:

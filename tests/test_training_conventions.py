@@ -26,10 +26,15 @@ def _loaders(limit: int = 128, **aug):
     return build_loaders(cfg, device=CPU, seed=0, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
-def _fit(out: Path, cfg: TrainConfig, loaders=None):
+def _fit(out: Path, cfg: TrainConfig, loaders=None, events: list | None = None):
+    """``events``, if given, receives the batch size of every training forward and "step" at every
+    optimizer step, in order."""
     torch.manual_seed(0)
     model = timm.create_model("vit_micro_patch4_32", depth=2)
     trainer = Trainer(model, cfg, loaders or _loaders(), device=CPU, out_dir=out, num_classes=10, progress=False)
+    if events is not None:
+        model.register_forward_pre_hook(lambda m, args: events.append(len(args[0])) if m.training else None)
+        trainer.optimizer.register_step_post_hook(lambda opt, args, kwargs: events.append("step"))
     return trainer.fit()
 
 
@@ -39,9 +44,14 @@ def test_gradient_accumulation_gives_the_same_updates(tmp_path: Path, aug: dict)
     # add up to the full batch's, so the weights after 8 updates agree to float rounding.
     # SGD, not Adam: Adam would hide a wrongly scaled gradient.
     base = dict(epochs=2, eval_every=0, optimizer=OptimizerConfig(name="sgd", lr=0.1), log=LogConfig(tensorboard=False))
-    whole = _fit(tmp_path / "whole", TrainConfig(**base), _loaders(**aug))
-    accum = _fit(tmp_path / "accum", TrainConfig(grad_accum_steps=3, **base), _loaders(**aug))
+    seen: dict[str, list] = {"whole": [], "accum": []}
+    whole = _fit(tmp_path / "whole", TrainConfig(**base), _loaders(**aug), seen["whole"])
+    accum = _fit(tmp_path / "accum", TrainConfig(grad_accum_steps=3, **base), _loaders(**aug), seen["accum"])
     assert whole.metrics["train_img_per_s"] > 0
+    # Equal weights alone would also hold with accumulation ignored: the model must really have
+    # seen micro-batches of 11/11/10 and the optimizer stepped once per 3 of them (8 updates).
+    assert seen["whole"] == [32, "step"] * 8
+    assert seen["accum"] == [11, 11, 10, "step"] * 8
     for k, v in whole.model.state_dict().items():
         torch.testing.assert_close(accum.model.state_dict()[k], v, atol=1e-5, rtol=1e-4)
     # The logged loss is the full batch's, not the last micro-batch's.

@@ -121,8 +121,9 @@ class BlockGatherAttention(nn.Module):
 
 
 def export_summary(model: nn.Module) -> dict[str, Any] | None:
-    """Per policy kind: heads, how many export as block gather, and whether the sparse speedup
-    carries to onnxruntime (all gathered), partly, or not (masked dense)."""
+    """Per policy kind: heads, how many export as block gather, and whether the cost rule
+    (``GATHER_MAX_COST``) expects the sparse speedup to carry to onnxruntime: yes (all gathered),
+    partly, or no (masked dense). An expectation from the export form, not a measurement."""
     kinds: dict[str, list[int]] = {}
     for m in model.modules():
         plan = getattr(m, "export_attn", None)
@@ -137,7 +138,7 @@ def export_summary(model: nn.Module) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     for kind, (heads, g) in sorted(kinds.items()):
         carries = "yes" if g == heads else "no" if g == 0 else f"partly ({g} of {heads} heads)"
-        out[kind] = {"heads": heads, "block_gather_heads": g, "speedup_carries_to_onnxruntime": carries}
+        out[kind] = {"heads": heads, "block_gather_heads": g, "expected_onnxruntime_speedup": carries}
     return {"export": "block gather (banded windowed attention) where it is at most "
                       f"{GATHER_MAX_COST:g} of dense attention's cost, masked dense attention otherwise; "
                       "same outputs as the eager module (parity checked)",
