@@ -4,6 +4,7 @@ to an accuracy budget, and the early_exit stage that trains, calibrates, measure
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,39 @@ def test_onnx_multi_exit_graph_and_segment_runner_match_pytorch(tmp_path: Path) 
         got, run = runner(x.numpy())
         ref, ref_run = run_early_exit(model, x, threshold)
         assert run == ref_run and abs(got - ref.numpy()).max() < 1e-4
+
+
+def _certainty(logits: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Written out: the top softmax probability, or 1 - entropy / log(classes)."""
+    p = logits.softmax(-1)
+    if criterion == "confidence":
+        return p.max(-1).values
+    return 1.0 + (p * p.log()).sum(-1) / math.log(p.shape[-1])
+
+
+@pytest.mark.parametrize("criterion", ["confidence", "entropy"])
+def test_calibration_lets_easy_images_exit_within_the_budget(criterion: str) -> None:
+    """The 40% of images the exit head is most certain about are easy: it answers them right (the
+    labels say so); the rest are labelled with the full model's answer. Every easy image may then
+    leave at no cost, so even a zero budget must calibrate a threshold at which at least 40% exit
+    early, and the accuracy there (simulated here, and on the batch-1 runner) is at least the full model's."""
+    model = attach_exits_(_model(), [0])
+    torch.manual_seed(1)
+    x = torch.randn(128, 3, 32, 32)
+    with torch.no_grad():
+        exit_z = model.exit_heads[0](model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(x)))))
+        final_z = model(x)
+    cert = _certainty(exit_z, criterion)
+    easy = cert >= cert.quantile(0.6)
+    labels = torch.where(easy, exit_z.argmax(-1), final_z.argmax(-1))
+    full = 100.0 * float((final_z.argmax(-1) == labels).float().mean())
+    policy = calibrate_threshold(model, [(x[:64], labels[:64]), (x[64:], labels[64:])], criterion, budget=0.0)
+    leaves = cert >= policy["threshold"] - 1e-6  # the threshold is an image's certainty, recomputed here in another batch
+    top1 = 100.0 * float((torch.where(leaves, exit_z.argmax(-1), final_z.argmax(-1)) == labels).float().mean())
+    assert policy["full_top1"] == pytest.approx(full) and policy["top1"] == pytest.approx(top1)
+    assert bool(leaves[easy].all()), f"{int(leaves[easy].sum())} of the {int(easy.sum())} easy images leave early, not all"
+    assert top1 >= full, (top1, full)
+    assert policy["blocks_fraction"] == pytest.approx((1 + 3 * (1 - leaves.float().mean().item())) / 4)
+    for i in cert.topk(4).indices.tolist():  # the runner stops after block 0 on the easiest images, with the right answer
+        logits, run = run_early_exit(model, x[i:i + 1], policy["threshold"], criterion)
+        assert run == 1 and int(logits.argmax()) == int(labels[i])

@@ -224,3 +224,37 @@ def test_token_drop_composes_with_galore_bf16_accumulation_distillation_and_comp
     # Both saved models are the plain dense timm model (the transform does not persist).
     model = load_file(str(tmp_path / "run" / "02-finetune" / "model" / "model.safetensors"))
     assert not any("ltd" in k for k in model)
+
+
+def test_each_layer_draws_its_own_sorted_subset_in_one_forward() -> None:
+    """README: the kept indices are drawn per sample and per layer and kept in their order. In one
+    training forward every dropping block processes exactly the kept count (seen from outside:
+    the tokens its output changed), the indices it gathers are sorted, and the layers' subsets
+    differ and overlap as independent draws do (16 of 64 twice: 16 * 16 / 64 = 4 on average)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_micro_patch4_32", num_classes=10)
+    hooks = Hooks()
+    apply_token_drop(model, TokenDropConfig(start_tokens=16, schedule_steps=100, layers=[0, 1, 2, 3]), hooks, seed=5)
+    model.train()
+    hooks.before_step[0](model, 0, 200)
+    prefix, keep = model.num_prefix_tokens, 16
+    gathered: dict[int, torch.Tensor] = {}
+    changed: dict[int, torch.Tensor] = {}
+    for i, blk in enumerate(model.blocks):
+        def record(x: torch.Tensor, idx: torch.Tensor, i: int = i, inner=blk.forward_subset) -> torch.Tensor:
+            gathered[i] = idx - prefix
+            return inner(x, idx)
+        blk.forward_subset = record
+        blk.register_forward_hook(lambda m, args, out, i=i: changed.__setitem__(i, (out - args[0]).abs().amax(-1) > 0))
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    subsets = []
+    for i in range(4):
+        assert changed[i][:, :prefix].all() and (changed[i][:, prefix:].sum(1) == keep).all()
+        idx = gathered[i]
+        assert bool((idx[:, 1:] > idx[:, :-1]).all()), f"layer {i} gathers its tokens out of order"
+        assert torch.equal(torch.zeros_like(changed[i][:, prefix:]).scatter_(1, idx, True), changed[i][:, prefix:])
+        subsets.append([set(row.tolist()) for row in idx])
+    overlaps = [len(subsets[a][b] & subsets[c][b]) for a in range(4) for c in range(a + 1, 4) for b in range(8)]
+    assert max(overlaps) < keep, "two layers processed the same tokens of an image"
+    assert 2.5 < sum(overlaps) / len(overlaps) < 5.5, overlaps
