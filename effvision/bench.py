@@ -63,6 +63,30 @@ def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
     raise EffVisionError(f"benchmark target '{target}' is neither a timm model, a model/run dir nor an .onnx file{hint}")
 
 
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
+
+
+def _ort_session(path: Path, opts: Any = None) -> Any:
+    """An onnxruntime CPU session of the user's ONNX file; one that onnxruntime cannot load
+    (truncated, not ONNX, a graph whose shapes do not fit) is an EffVisionError naming it."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception alone
+        raise EffVisionError(f"{path}: onnxruntime cannot load it: {_first_line(e)}") from e
+
+
+def _first_call(fn: Callable[[], Any], what: str) -> None:
+    """One untimed call: a model or graph that does not run on the input its files describe (an
+    input size its architecture refuses, a graph of another dtype) is a user error, not a traceback."""
+    try:
+        fn()
+    except Exception as e:  # torch and onnxruntime raise many types; the user needs the first line
+        raise EffVisionError(f"{what} does not run: {_first_line(e)}") from e
+
+
 def time_calls(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None]) -> list[float]:
     """Seconds per call of ``fn`` after ``warmup`` calls; ``sync`` waits for the device."""
     for _ in range(warmup):
@@ -132,6 +156,8 @@ def benchmark(target: str, backend: str = "torch", device: str = "cpu", batch_si
         x = torch.randn(batch_size, *shape, device=dev)
         if channels_last:
             model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(dev, amp):
+            _first_call(lambda: model(x), f"{target} on a {tuple(x.shape)} input")
         fn_model = model
         if backend == "compile":
             t0 = time.perf_counter()
@@ -206,8 +232,12 @@ def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
+    session = _ort_session(onnx_path, opts)
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or len(inputs[0].shape) < 2:
+        raise EffVisionError(f"{onnx_path}: bench feeds one batched image tensor; the graph takes "
+                             f"{[(i.name, i.shape) for i in inputs]}")
+    inp = inputs[0]
     dims = inp.shape[1:]
     if not all(isinstance(d, int) for d in dims):
         raise EffVisionError(f"{onnx_path}: input {inp.name} has non-static image dims {dims}")
@@ -223,6 +253,7 @@ def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
             compiled = openvino_session(convert_to_openvino(onnx_path, ir_dir), threads)
         times = time_calls(lambda: compiled(x), warmup, iters, lambda: None)
     else:
+        _first_call(lambda: session.run(None, {inp.name: x}), f"{onnx_path} on a float32 {x.shape} input")
         times = time_calls(lambda: session.run(None, {inp.name: x}), warmup, iters, lambda: None)
     if tmp is not None:
         tmp.cleanup()
@@ -242,9 +273,7 @@ def _bench_trt(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
             stack.enter_context(tmp_int8)
         if onnx_path is None:
             onnx_path = _export_fp32(target, kind, model_dir, img_size, tmp)
-        import onnxruntime as ort
-
-        inp = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs()[0]
+        inp = _ort_session(onnx_path).get_inputs()[0]
         shape = tuple(inp.shape[1:])
         engine = TrtEngine(serialize_engine(onnx_path, inp.name, shape, (batch_size,) * 3))
         engine_parity(engine, onnx_path, shape, [batch_size], graph_precision(onnx_path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -194,7 +195,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
 
 
 def _index(seq: list, part: str, key: str) -> int:
-    if part.lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]+", part):  # not str.isdigit(): '²' is a digit that int() refuses
         idx = int(part)
         if not -len(seq) <= idx < len(seq):
             raise ConfigError(f"override '{key}': index {idx} out of range ({len(seq)} items)")

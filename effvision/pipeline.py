@@ -136,7 +136,7 @@ def _prepare_run_dir(run_dir: Path, resolved: dict[str, Any], lock: DirLock) -> 
         # the corrected recipe takes its place.
         atomic_write_text(recipe_file, yaml.safe_dump(resolved, sort_keys=False))
     elif recipe_file.is_file():
-        stored = yaml.safe_load(recipe_file.read_text())
+        stored = load_yaml(recipe_file)
         try:  # re-resolved by today's parser: options added since the run started take their defaults
             stored = recipe_to_dict(parse_recipe(copy.deepcopy(stored)))
         except (ConfigError, EffVisionError):

@@ -12,6 +12,8 @@ from .errors import ConfigError
 
 __all__ = ["ModelConfig", "Recipe", "load_recipe", "parse_recipe", "recipe_to_dict"]
 
+MAX_THREADS = 4096  # more is a typo, not a machine (2**70 would overflow torch's C int)
+
 
 @dataclass
 class ModelConfig:
@@ -33,14 +35,18 @@ class Recipe:
     stages: list[Any] = field(default_factory=list)  # stage configs, parsed by their registered type
 
     def validate(self, where: str) -> None:
-        if self.threads is not None and self.threads <= 0:
-            raise ConfigError("threads must be positive (or left out)")
+        if self.threads is not None and not 0 < self.threads <= MAX_THREADS:
+            raise ConfigError(f"threads must be positive and at most {MAX_THREADS} (or left out)")
+        if not -2**63 <= self.seed < 2**64:  # what torch.manual_seed takes
+            raise ConfigError("seed must fit in 64 bits")
 
 
 def parse_recipe(data: dict[str, Any]) -> Recipe:
     from .stages import stage_types
 
     STAGES = stage_types()
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe: expected a mapping, got {type(data).__name__}")
     data = dict(data)
     raw_stages = data.pop("stages", None)
     recipe = parse(Recipe, data)
@@ -51,7 +57,7 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
         if not isinstance(raw, dict) or "type" not in raw:
             raise ConfigError(f"{where}: each stage is a mapping with a 'type' ({', '.join(STAGES)})")
         kind = raw["type"]
-        if kind not in STAGES:
+        if not isinstance(kind, str) or kind not in STAGES:
             close = difflib.get_close_matches(str(kind), list(STAGES), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(STAGES)}"
             raise ConfigError(f"{where}.type: unknown stage '{kind}'{hint}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -30,6 +31,7 @@ _LATEST = "latest"
 _WEIGHTS = "weights.safetensors"
 _EMA = "ema.safetensors"
 _STATE = "state.pt"
+_STEP_DIR = re.compile(r"step-[0-9]+")  # what ``latest`` may name: a checkpoint folder beside it, nothing else
 
 
 def _write(path: Path, data: bytes | memoryview) -> None:
@@ -58,9 +60,9 @@ class Checkpointer:
         rename and the pointer update, or a lost pointer) the highest complete step-* folder."""
         pointer = self.dir / _LATEST
         if pointer.is_file():
-            path = self.dir / pointer.read_text().strip()
-            if (path / _STATE).is_file():
-                return path
+            name = pointer.read_bytes().decode("ascii", errors="replace").strip()
+            if _STEP_DIR.fullmatch(name) and (self.dir / name / _STATE).is_file():  # a corrupt pointer is a lost one
+                return self.dir / name
         complete = sorted(p for p in self.dir.glob("step-*") if (p / _STATE).is_file() and (p / _WEIGHTS).is_file())
         return complete[-1] if complete else None
 
@@ -95,7 +97,10 @@ class Checkpointer:
             shutil.rmtree(p, ignore_errors=True)
 
     def weights(self, path: Path) -> dict[str, torch.Tensor]:
-        return load_file(str(path / _WEIGHTS))
+        try:
+            return load_file(str(path / _WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise EffVisionError(f"corrupt checkpoint {path / _WEIGHTS}: {e}") from e
 
     def load(self, path: Path, model: nn.Module | None, ema: nn.Module | None,
              map_location: torch.device) -> tuple[dict[str, Any], TrainPosition]:
@@ -106,9 +111,21 @@ class Checkpointer:
             load_weights(ema, path / _EMA, map_location)
         try:
             state = torch.load(path / _STATE, map_location=map_location, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-            raise EffVisionError(f"corrupt checkpoint state {path / _STATE}: {str(e).splitlines()[0]}") from e
-        return state, TrainPosition(**state.pop("position"))
+        except Exception as e:  # torch's unpickler fails on damaged bytes with any type (KeyError, struct.error, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EffVisionError(f"corrupt checkpoint state {path / _STATE}: {first}") from e
+        return state, _position(state, path / _STATE)
+
+
+def _position(state: Any, path: Path) -> TrainPosition:
+    """The training position ``save`` stored in the state (removed from it): counts, none negative."""
+    position = state.pop("position", None) if isinstance(state, dict) else None
+    fields = set(vars(TrainPosition()))
+    if (not isinstance(position, dict) or set(position) != fields
+            or any(type(v) is not int or v < 0 for v in position.values())):
+        raise EffVisionError(f"corrupt checkpoint state {path}: no training position in it "
+                             f"({', '.join(sorted(fields))}: counts)")
+    return TrainPosition(**position)
 
 
 def _state_dict(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -83,10 +83,10 @@ class RunLogger:
         TensorBoard handles the repeat itself: it keeps the newest value of a step."""
         if not self.csv_path.is_file():
             return
-        with self.csv_path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [r for r in reader if int(r["global_step"]) <= global_step]
-            fields = reader.fieldnames or []
+        text = self.csv_path.read_bytes().decode("utf-8", errors="replace")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = [r for r in reader if str(r.get("global_step")).isdigit() and int(r["global_step"]) <= global_step]
+        fields = reader.fieldnames or []
         out = io.StringIO()
         w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
         w.writeheader()

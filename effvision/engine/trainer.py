@@ -119,7 +119,6 @@ class Trainer:
         self.logger: RunLogger | None = None
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.logger = RunLogger(cfg.log, self.out_dir, run_name=f"{self.out_dir.parent.name}/{self.out_dir.name}")
         self._epoch_loss = (0.0, 0)  # (sum of window mean losses x steps, steps) of the current epoch
 
     def _create_scheduler(self) -> Any:
@@ -175,34 +174,46 @@ class Trainer:
             return TrainPosition()
         if self.sharded is not None:  # every rank reads the full checkpoint and keeps its shards
             state, pos = self.checkpointer.load(path, None, None, self.device)
-            self.sharded.load(self.checkpointer.weights(path), self.optimizer, state["optimizer"])
         else:
             state, pos = self.checkpointer.load(path, self.model, self.ema.module if self.ema else None, self.device)
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"].cpu())
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
-        progress = state.get("progress", {})
-        self.train_time = float(progress.get("train_time_s", 0.0))
-        self.images_seen = int(progress.get("images_seen", 0))
-        self.budget_used = float(progress.get("budget_used_s", 0.0))
+        try:  # the optimizer, schedule and RNG states of another run, or damaged ones, do not fit this one
+            if self.sharded is not None:
+                self.sharded.load(self.checkpointer.weights(path), self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and "scheduler" in state:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"].cpu())
+            if "cuda_rng" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+            progress = state.get("progress", {})
+            self.train_time = float(progress.get("train_time_s", 0.0))
+            self.images_seen = int(progress.get("images_seen", 0))
+            self.budget_used = float(progress.get("budget_used_s", 0.0))
+        except (LookupError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            raise EffVisionError(f"checkpoint {path} does not fit this run: {type(e).__name__}: {e}") from e
         if self.dist.is_main:
             self._truncate_metrics(pos)
-            if self.logger is not None:
-                self.logger.truncate(pos.global_step)
         return pos
 
     def _truncate_metrics(self, pos: TrainPosition) -> None:
         """Drop metrics.jsonl records written after the checkpoint: they are about to be redone."""
         if not self.metrics_path.is_file():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if (r := json.loads(line)).get("global_step", -1) <= pos.global_step
-                and (not r.get("eval") or r["epoch"] < pos.epoch)]
+        keep = []
+        for line in self.metrics_path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # half a line (a kill mid-append) or damage: the record is redone or lost
+            if not isinstance(r, dict):
+                continue
+            step, epoch = r.get("global_step", -1), r.get("epoch")
+            if isinstance(step, int) and step <= pos.global_step and \
+                    (not r.get("eval") or (isinstance(epoch, int) and epoch < pos.epoch)):
+                keep.append(line)
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in keep))
 
     # ---- the loop ----------------------------------------------------------------------
@@ -214,6 +225,10 @@ class Trainer:
 
     def _fit(self, resume: bool) -> TrainResult:
         pos = self._restore() if resume else TrainPosition()
+        if self.dist.is_main:  # after the checkpoint is read: a resume that fails has written nothing
+            self.logger = RunLogger(self.cfg.log, self.out_dir, run_name=f"{self.out_dir.parent.name}/{self.out_dir.name}")
+            if resume:
+                self.logger.truncate(pos.global_step)
         if pos.global_step and self.dist.is_main:
             print(f"resuming at epoch {pos.epoch}, step {pos.step} ({pos.global_step}/{self.total_steps} updates)")
         self.train_module.train()

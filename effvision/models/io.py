@@ -16,8 +16,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import EffVisionError
-from ..io import atomic_write_text
+from ..config import parse
+from ..errors import ConfigError, EffVisionError
+from ..io import atomic_write_text, read_json_object
 from .modes import RECORD_ATTR, migrate_legacy, record_of, restore_modes
 
 __all__ = ["ModelSpec", "create_model", "save_model", "load_model", "read_spec", "timm_config", "spec_of_model",
@@ -28,6 +29,7 @@ WEIGHTS_FILE = "model.safetensors"  # also the name timm's hub layout uses
 TIMM_CONFIG_FILE = "config.json"    # timm's hub layout: timm.create_model("local-dir:DIR", pretrained=True)
 LEGACY_QUANT_FILE = "quant.json"    # model dirs before the mode record kept quantization here
 SPEC_FORMAT = 2                     # 2: the mode record; model.json without "modes" is format 1
+MAX_SIZE = 2**31 - 1                # classes, pixels, channels: a larger count is a corrupt value (2**70), not a model
 
 
 @dataclass
@@ -47,6 +49,12 @@ class ModelSpec:
     # What was done to the timm model, oldest first: [{"mode", "version", "config", "metadata"}, ...]
     modes: list[dict[str, Any]] = field(default_factory=list)
 
+    def validate(self, where: str) -> None:
+        """Sizes a model can have (``config.parse`` calls this after the type checks)."""
+        for key, low in (("num_classes", 0), ("img_size", 1), ("in_chans", 1)):  # num_classes 0: no head
+            if not low <= getattr(self, key) <= MAX_SIZE:
+                raise ConfigError(f"{key}: {getattr(self, key)} is out of range ({low} to 2**31 - 1)")
+
     def to_json(self) -> str:
         return json.dumps({"format": SPEC_FORMAT, **dataclasses.asdict(self)}, indent=2)
 
@@ -57,15 +65,19 @@ class ModelSpec:
         ``transforms``, and ``quant`` read from its dir's quant.json) is migrated to one."""
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             raise EffVisionError(f"{where}: not a model spec (a JSON object with a 'name')")
-        if not isinstance(data.get("format", 1), int) or data.get("format", 1) > SPEC_FORMAT:
-            raise EffVisionError(f"{where}: format {data.get('format')!r} is newer than this effvision reads "
-                                 f"({SPEC_FORMAT}); upgrade effvision")
+        fmt = data.get("format", 1)
+        if type(fmt) is not int or fmt < 1:
+            raise EffVisionError(f"{where}: format {fmt!r} is not a model spec format (1 to {SPEC_FORMAT})")
+        if fmt > SPEC_FORMAT:
+            raise EffVisionError(f"{where}: format {fmt} is newer than this effvision reads ({SPEC_FORMAT}); "
+                                 f"upgrade effvision")
         known = {f.name for f in dataclasses.fields(cls)}
-        spec = cls(**{k: v for k, v in data.items() if k in known})
+        try:  # a recipe's typed check: each field of its annotated type, sizes in range
+            spec = parse(cls, {k: v for k, v in data.items() if k in known})
+        except ConfigError as e:
+            raise EffVisionError(f"{where}: {e}") from e
         if "modes" not in data:  # before the record: today's reader migrates it
-            spec.modes = migrate_legacy(data.get("pruned"), list(data.get("transforms") or []), quant, where)
-        elif not isinstance(spec.modes, list):
-            raise EffVisionError(f"{where}: 'modes' is not a list")
+            spec.modes = migrate_legacy(data.get("pruned"), data.get("transforms"), quant, where)
         return spec
 
     @classmethod
@@ -73,10 +85,11 @@ class ModelSpec:
         return cls.from_dict(json.loads(text), quant, where)
 
 
-def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
+def create_model(spec: ModelSpec, pretrained: bool = False, where: str = "model spec") -> nn.Module:
     """``timm.create_model`` with a clear error for unknown names, then the spec's modes replayed
     (pruned shapes, token reduction, fake-quant layers, ...), so the weights of a model saved with
-    this spec load strictly. The model carries its record (``modes.record_of``)."""
+    this spec load strictly. The model carries its record (``modes.record_of``). ``where`` names the
+    spec in errors (its model.json)."""
     import effvision.models.small_vit  # noqa: F401  (registration)
 
     if not timm.is_model(spec.name):
@@ -93,7 +106,7 @@ def create_model(spec: ModelSpec, pretrained: bool = False) -> nn.Module:
             raise
         raise EffVisionError(f"pretrained weights for '{spec.name}' are not available here: "
                              f"{str(e).strip().splitlines()[0]}") from e
-    restore_modes(model, spec.modes)
+    restore_modes(model, spec.modes, where)
     model._effvision_spec = dataclasses.replace(spec, modes=[])  # the base spec: ev.save needs no arguments
     return model
 
@@ -153,20 +166,14 @@ def read_spec(directory: str | Path) -> ModelSpec:
     spec_path = directory / SPEC_FILE
     if not spec_path.is_file():
         raise EffVisionError(f"no model in {directory} (expected {SPEC_FILE} and {WEIGHTS_FILE})")
-    try:
-        data = json.loads(spec_path.read_text(encoding="utf-8"))
-        quant = None
-        if isinstance(data, dict) and "modes" not in data and (directory / LEGACY_QUANT_FILE).is_file():
-            quant = json.loads((directory / LEGACY_QUANT_FILE).read_text(encoding="utf-8"))
-            if quant.get("version") != 1:
-                raise EffVisionError(f"{directory / LEGACY_QUANT_FILE}: unsupported version {quant.get('version')} "
-                                     f"(this effvision reads 1)")
-    except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise EffVisionError(f"corrupt model spec in {directory}: {e}") from e
-    try:
-        return ModelSpec.from_dict(data, quant, where=str(spec_path))
-    except TypeError as e:
-        raise EffVisionError(f"corrupt model spec {spec_path}: {e}") from e
+    data = read_json_object(spec_path, "model spec")
+    quant = None
+    if "modes" not in data and (directory / LEGACY_QUANT_FILE).is_file():
+        quant = read_json_object(directory / LEGACY_QUANT_FILE, "quantization record")
+        if quant.get("version") != 1:
+            raise EffVisionError(f"{directory / LEGACY_QUANT_FILE}: unsupported version {quant.get('version')!r} "
+                                 f"(this effvision reads 1)")
+    return ModelSpec.from_dict(data, quant, where=str(spec_path))
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
@@ -175,7 +182,7 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     if not (directory / WEIGHTS_FILE).is_file():
         raise EffVisionError(f"no model in {directory} (expected {SPEC_FILE} and {WEIGHTS_FILE})")
     spec = read_spec(directory)
-    model = create_model(spec)
+    model = create_model(spec, where=str(directory / SPEC_FILE))
     load_weights(model, directory / WEIGHTS_FILE, map_location)
     return model, spec
 

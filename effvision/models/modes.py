@@ -148,17 +148,27 @@ def update_metadata(model: nn.Module, name: str, **values: Any) -> Entry:
     return record[-1]
 
 
+# What a mode's restore, upgrade or legacy reader raises on parameters that do not fit the model (a
+# corrupt or hand-edited record): a missing key, a wrong type or size, a module the model lacks.
+_BAD_PARAMETERS = (LookupError, TypeError, ValueError, AttributeError, RuntimeError, AssertionError)
+
+
 def _current(entry: Entry, where: str) -> Entry:
-    if not isinstance(entry, dict) or not isinstance(entry.get("mode"), str) or not isinstance(entry.get("version"), int):
+    if not isinstance(entry, dict) or not isinstance(entry.get("mode"), str) or type(entry.get("version")) is not int:
         raise EffVisionError(f"{where}: a mode entry needs 'mode' (a name) and 'version' (an integer), got {entry!r}")
     mode = get_mode(entry["mode"])
     entry = {"config": {}, "metadata": {}, **entry}
+    if not isinstance(entry["config"], dict) or not isinstance(entry["metadata"], dict):
+        raise EffVisionError(f"{where}: the {mode.name} entry's 'config' and 'metadata' are not both JSON objects")
     while entry["version"] < mode.version:
         step = mode.upgrade.get(entry["version"])
         if step is None:
             raise EffVisionError(f"{where}: {mode.name} version {entry['version']} cannot be upgraded to "
                                  f"{mode.version} (no upgrade registered)")
-        entry = step(entry)
+        try:
+            entry = step(entry)
+        except _BAD_PARAMETERS as e:
+            raise EffVisionError(f"{where}: {mode.name} version {entry['version']} has bad parameters: {e}") from e
     if entry["version"] > mode.version:
         raise EffVisionError(f"{where}: {mode.name} version {entry['version']} is newer than this effvision reads "
                              f"({mode.version}); upgrade effvision")
@@ -171,7 +181,7 @@ def restore_modes(model: nn.Module, entries: list[Entry], where: str = "model sp
     for entry in current:  # rules gate new compositions only: a saved record always loads
         try:
             get_mode(entry["mode"]).restore(model, entry["config"], entry["metadata"])
-        except (KeyError, TypeError, ValueError) as e:
+        except _BAD_PARAMETERS as e:
             raise EffVisionError(f"{where}: mode {entry['mode']} has bad parameters: {e}") from e
     set_record(model, current)
     return model
@@ -185,10 +195,15 @@ def find_mode(entries: list[Entry], name: str) -> Entry | None:
     return None
 
 
-def migrate_legacy(pruned: dict[str, Any] | None, transforms: list[dict[str, Any]],
+def migrate_legacy(pruned: dict[str, Any] | None, transforms: list[dict[str, Any]] | None,
                    quant: dict[str, Any] | None, where: str = "model spec") -> list[Entry]:
     """The record of a model dir written before the record existed: pruning first, then the
     transforms in their order, then quantization (the only order those dirs could hold)."""
+    if pruned is not None and not isinstance(pruned, dict):
+        raise EffVisionError(f"{where}: 'pruned' is not a JSON object")
+    transforms = [] if transforms is None else transforms
+    if not isinstance(transforms, list) or not all(isinstance(t, dict) for t in transforms):
+        raise EffVisionError(f"{where}: 'transforms' is not a list of JSON objects")
     entries: list[Entry] = []
     if pruned:
         entries.append({"mode": "prune", "version": 1, "config": {}, "metadata": copy.deepcopy(pruned)})
@@ -196,10 +211,13 @@ def migrate_legacy(pruned: dict[str, Any] | None, transforms: list[dict[str, Any
         params = dict(t)
         name = params.pop("name", None)
         modes = registered_modes()
-        if name not in modes or modes[name].legacy is None:
+        if not isinstance(name, str) or name not in modes or modes[name].legacy is None:
             raise EffVisionError(f"{where} lists unknown transform {name!r} "
                                  f"(known: {', '.join(sorted(n for n, m in modes.items() if m.legacy))})")
-        config, metadata = modes[name].legacy(params)
+        try:
+            config, metadata = modes[name].legacy(params)
+        except _BAD_PARAMETERS as e:
+            raise EffVisionError(f"{where}: transform {name} has bad parameters: {e}") from e
         entries.append({"mode": name, "version": 1, "config": config, "metadata": metadata})
     if quant is not None:
         q = dict(quant)
