@@ -106,7 +106,8 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 # Files with the longest tests start first, so that under `pytest -n 2 --dist loadfile` (scripts/test.sh)
 # neither worker is left with a several-minute file at the end (CI durations, 2 cores).
 _FIRST = ("test_quickstart.py", "test_composition.py", "test_gpu_bench.py", "test_api.py", "test_recipes.py",
-          "test_token_drop.py", "test_ddp.py", "test_config.py", "test_resume.py", "test_extending.py")
+          "test_token_drop.py", "test_ddp.py", "test_config.py", "test_resume.py", "test_extending.py",
+          "test_run_guarantees.py", "test_fuzz_inputs.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
