@@ -36,11 +36,10 @@ _STEP_DIR = re.compile(r"step-[0-9]+")  # what ``latest`` may name: a checkpoint
 
 def _write(path: Path, data: bytes | memoryview) -> None:
     """Plain file I/O, so a full disk is an OSError naming the file (safetensors' and torch's own
-    writers report it as SafetensorError or an "unexpected pos" RuntimeError)."""
+    writers report it as SafetensorError or an "unexpected pos" RuntimeError). No fsync: the
+    rename makes a checkpoint whole for any process kill; an OS crash is not covered (README)."""
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @dataclass
