@@ -52,17 +52,53 @@ Calibration = Data | Iterable[torch.Tensor] | Callable[[nn.Module], Any]
 
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The model of a model dir (any effvision stage's, or one ``save`` wrote), rebuilt: the timm
-    model, its record of modes replayed, its weights loaded. It carries its spec, so ``save``
-    needs no arguments (``spec_of(model)`` shows it)."""
+    """Rebuild the model of a model dir (any effvision stage's, or one ``save`` wrote).
+
+    The timm model is created, its record of modes replayed and its weights loaded strictly.
+    It carries its spec, so ``save`` needs no arguments (``spec_of(model)`` shows it).
+
+    Args:
+        directory: The model dir (``model.json`` and ``model.safetensors``).
+        map_location: Where the weights are loaded (``torch.load``'s sense).
+
+    Returns:
+        The rebuilt model.
+
+    Raises:
+        EffVisionError: If the directory holds no model, names an unknown timm model, or its
+            weights are corrupt or do not match the rebuilt model.
+    """
     return load_model(directory, map_location)[0]
 
 
 def prune(model: nn.Module, ratios: dict[str, float] | PruneSpec, example_inputs: torch.Tensor,
           calib: Data | None = None, num_batches: int = 8) -> nn.Module:
-    """Structured pruning in place (Torch-Pruning with effvision's timm handlers). ``ratios``:
-    fraction removed per kind (``mlp``, ``heads``, ``embed``, ``channels``...); ``calib`` feeds
-    data-driven criteria (taylor, obd)."""
+    """Prune a model structurally, in place (Torch-Pruning with effvision's timm handlers).
+
+    Tensors really shrink: the result is a plain timm model whose record gains a ``prune``
+    entry, so ``save`` and ``load`` rebuild it.
+
+    Args:
+        model: The model to prune (a timm model, or one ``load`` returned).
+        ratios: The fraction removed per kind, each in [0, 1): ``heads`` (attention heads),
+            ``mlp`` (MLP hidden units), ``width`` (ViT embedding width), ``channels`` (every
+            other conv/linear group); a dict is ranked by PruneSpec's default criterion (l2).
+            Or a full ``PruneSpec`` (criterion, round_to, ignore, steps, per-layer ratios).
+        example_inputs: One input batch (B, C, H, W): traced for the dependency graph, and run
+            after pruning to check the model keeps its output shape.
+        calib: (images, labels) batches (or bare image batches) for the data-driven criteria
+            (taylor, obd), which need it.
+        num_batches: How many batches of ``calib`` are used.
+
+    Returns:
+        The same model, pruned.
+
+    Raises:
+        ConfigError: If the criterion is unknown.
+        EffVisionError: If a kind or ratio is invalid, a data-driven criterion gets no
+            ``calib``, no handler covers the model's family (nothing to prune, or
+            Torch-Pruning fails), or the model's earlier modes forbid pruning.
+    """
     spec = ratios if isinstance(ratios, PruneSpec) else PruneSpec(ratios=dict(ratios))  # criterion: PruneSpec's default
     batches = _batches(calib, num_batches) if calib is not None else None
     return prune_(model, spec, example_inputs, batches)
@@ -70,9 +106,34 @@ def prune(model: nn.Module, ratios: dict[str, float] | PruneSpec, example_inputs
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, *, calib: Calibration,
              val: Data | None = None, num_batches: int | None = None) -> QuantReport:
-    """Fake-quantize in place and calibrate: ``calib`` is a DataLoader, a list of batches, or a
-    forward loop ``calib(model)``; with ``val`` and ``config.accuracy_budget`` the most sensitive
-    layers fall back to float until the top-1 drop fits."""
+    """Fake-quantize a model in place and calibrate it.
+
+    Every ``nn.Linear`` and ``nn.Conv2d`` not excluded by ``config.exclude`` is quantized; the
+    model's record gains a ``quantize`` entry. With ``val`` and ``config.accuracy_budget``,
+    the most sensitive layers fall back to float until the top-1 drop fits the budget.
+
+    Args:
+        model: The model to quantize.
+        config: What to quantize, to which format, for which runtime; default
+            ``QuantConfig()`` (int8 for TensorRT).
+        calib: The calibration data: a DataLoader or list of (images, labels) batches (or of
+            bare image batches), or a forward loop ``calib(model)`` that runs the data through
+            the model.
+        val: (images, labels) batches, all used, on which top-1 is measured before and after
+            (needed for the accuracy-budget fallback).
+        num_batches: How many batches of ``calib`` are used; sets ``config.calib_batches``
+            (on the given config object).
+
+    Returns:
+        The quantized module names, the calibration sample count and, with ``val``, the
+            float and quantized top-1, per-layer sensitivity and the layers returned to float.
+
+    Raises:
+        ConfigError: If ``config`` is invalid.
+        EffVisionError: If the data gives no batches or fewer than
+            ``config.min_calib_samples`` images, nothing is left to quantize, or the model's
+            earlier modes forbid quantizing (e.g. it is quantized already).
+    """
     cfg = config or QuantConfig()
     cfg.validate("quantize config")
     if num_batches is not None:
@@ -84,10 +145,39 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calib: Cali
 def train(model: nn.Module, data: Data, *, epochs: int = 1, lr: float = field_default(OptimizerConfig, "lr"),
           val: Data | None = None, teacher: nn.Module | None = None, distill: DistillSpec | None = None,
           out_dir: str | Path | None = None, device: str = "cpu", config: TrainConfig | None = None) -> dict[str, Any]:
-    """Train ``model`` in place with effvision's trainer (AdamW + cosine by default; ``config``
-    for everything else), distilled from a frozen ``teacher`` when given (the finetune stage's
-    loss). Returns the final metrics, on ``val`` (else on the training data, which the metrics
-    then say). ``out_dir`` keeps checkpoints and the TensorBoard/CSV logs."""
+    """Train a model in place with effvision's trainer.
+
+    AdamW with a cosine schedule by default (``config`` for everything else), evaluated once
+    at the end; distilled from a frozen ``teacher`` when given (the finetune stage's loss).
+    The model is left in eval mode.
+
+    Args:
+        model: The model to train.
+        data: The training data: a DataLoader or any re-iterable of (images, labels) batches.
+            Its first batch gives the input shape.
+        epochs: Training epochs (when ``config`` is not given).
+        lr: Peak learning rate of AdamW (when ``config`` is not given).
+        val: (images, labels) batches the final metrics are computed on; default: the
+            training data.
+        teacher: A teacher model, frozen, that the model is distilled from; it sees the same
+            inputs as the model.
+        distill: How to distill from ``teacher`` (default ``DistillSpec()``: soft logits);
+            unused without a teacher.
+        out_dir: Where checkpoints and (without ``config``) the TensorBoard/CSV logs are kept,
+            held for one writer; default: a temporary directory, removed afterwards.
+        device: The device to train on (``"cpu"``, ``"cuda"``, ...).
+        config: The full training config; when given, ``epochs``, ``lr`` and the logging
+            defaults are not used.
+
+    Returns:
+        The final metrics (top1, top5, loss, ...) and ``evaluated_on``: ``"val"`` or
+            ``"train"``.
+
+    Raises:
+        ConfigError: If the training config or the distillation spec is invalid.
+        EffVisionError: If ``out_dir`` is in use by another effvision process, or the loss
+            diverges (``TrainingDiverged``).
+    """
     cfg = config or TrainConfig(epochs=epochs, optimizer=OptimizerConfig(lr=lr), eval_every=0,
                                 log=LogConfig(tensorboard=out_dir is not None, csv=out_dir is not None))
     cfg.validate("train config")
@@ -118,8 +208,30 @@ def train(model: nn.Module, data: Data, *, epochs: int = 1, lr: float = field_de
 
 def distill(student: nn.Module, teacher: nn.Module, data: Data, *, kind: str = "soft", alpha: float = 0.5,
             temperature: float = 2.0, feature_weight: float = 0.0, **train_args: Any) -> dict[str, Any]:
-    """``train`` with a teacher: logit distillation (``kind`` soft/hard/token), optionally
-    feature distillation through a learned projection (``feature_weight`` > 0)."""
+    """Train a student from a frozen teacher: ``train`` with a distillation loss.
+
+    Logit distillation, optionally with feature distillation through a learned projection.
+
+    Args:
+        student: The model to train, in place.
+        teacher: The teacher model; it sees the same inputs as the student.
+        data: The training data, as for ``train``.
+        kind: ``"soft"`` (KL divergence of temperature-scaled logits), ``"hard"`` (cross-entropy
+            on the teacher's top class) or ``"token"`` (hard, on the student's distillation
+            head ``head_dist`` where it has one, as DeiT).
+        alpha: Weight of the distillation term (the label loss keeps weight 1).
+        temperature: The softmax temperature (soft only).
+        feature_weight: Weight of the feature term (mean squared error between the projected
+            student and teacher pre-logit features); 0 leaves it out.
+        **train_args: Passed on to ``train`` (epochs, lr, val, out_dir, device, config).
+
+    Returns:
+        The final metrics, as ``train`` returns them.
+
+    Raises:
+        ConfigError: If ``alpha`` or ``feature_weight`` is negative, ``temperature`` is not
+            positive, or the training config is invalid.
+    """
     spec = DistillSpec(kind=kind, alpha=alpha, temperature=temperature, feature_weight=feature_weight)  # type: ignore[arg-type]
     return train(student, data, teacher=teacher, distill=spec, **train_args)
 
@@ -127,10 +239,29 @@ def distill(student: nn.Module, teacher: nn.Module, data: Data, *, kind: str = "
 def spec_of(model: nn.Module, *, img_size: int | None = None, mean: tuple[float, ...] | None = None,
             std: tuple[float, ...] | None = None, class_names: list[str] | None = None,
             kwargs: dict[str, Any] | None = None) -> ModelSpec:
-    """The ModelSpec of a model: the one it was built from (``load``, any effvision stage) with its
-    current record, or for a timm model its architecture name and pretrained_cfg (input size,
-    mean/std) with the record its verbs left. A timm model changed by other code than effvision's
-    verbs (its sizes differ from ``timm.create_model(name, **kwargs)``) is recorded as pruned."""
+    """The ModelSpec of a model: what ``save`` writes and ``load`` rebuilds it from.
+
+    For a model built by effvision (``load``, any stage), the spec it was built from with its
+    current record; for a timm model, its architecture name and pretrained_cfg (input size,
+    mean/std) with the record effvision's verbs left. A timm model whose sizes were changed by
+    other code (they differ from ``timm.create_model(name, **kwargs)``) is recorded as pruned.
+
+    Args:
+        model: The model.
+        img_size: The input size, overriding the spec's (timm: pretrained_cfg's input size).
+        mean: The normalization mean, overriding the spec's (timm: pretrained_cfg's).
+        std: The normalization std, overriding the spec's (timm: pretrained_cfg's).
+        class_names: The class names, overriding the spec's.
+        kwargs: The ``timm.create_model`` keyword arguments the model was built with
+            (e.g. ``depth``), overriding the spec's.
+
+    Returns:
+        The model's spec.
+
+    Raises:
+        EffVisionError: If the model is not a timm model, or its layers cannot be rebuilt from
+            its name, ``kwargs`` and record.
+    """
     built = spec_of_model(model)
     if built is not None:
         given = {"img_size": img_size, "mean": mean and tuple(mean), "std": std and tuple(std),
@@ -168,9 +299,27 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def save(model: nn.Module, directory: str | Path, *, spec: ModelSpec | None = None, **spec_args: Any) -> Path:
-    """A model dir (spec with the model's record + safetensors + timm's config.json), the same
-    layout ``effvision run`` writes: ``ev.load``, ``ev.export_model`` and ``effvision export`` read
-    it. Works on any model ``load`` returned, and on a timm model changed by effvision's verbs."""
+    """Save a model as a model dir, the layout ``effvision run`` writes.
+
+    The dir holds the spec with the model's record (``model.json``), the weights
+    (``model.safetensors``) and timm's ``config.json``; ``load``, ``export_model`` and
+    ``effvision export`` read it. Works on any model ``load`` returned, and on a timm model
+    changed by effvision's verbs.
+
+    Args:
+        model: The model to save.
+        directory: The model dir, made if missing; it must not hold a model already.
+        spec: The spec to write (with the model's record); default: ``spec_of(model, **spec_args)``.
+        **spec_args: Passed on to ``spec_of`` (img_size, mean, std, class_names, kwargs) when
+            ``spec`` is not given.
+
+    Returns:
+        The model dir.
+
+    Raises:
+        EffVisionError: If ``directory`` holds a model already (nothing is overwritten), or
+            ``spec_of`` fails.
+    """
     directory = Path(directory)
     if (directory / WEIGHTS_FILE).exists():
         raise EffVisionError(f"{directory} holds a model already; choose another directory (nothing was overwritten)")
@@ -178,9 +327,26 @@ def save(model: nn.Module, directory: str | Path, *, spec: ModelSpec | None = No
 
 
 def export_model(model_dir: str | Path, out_dir: str | Path, *, format: str = "onnx", **onnx: Any) -> dict[str, Any]:
-    """A saved model dir -> ONNX (or OpenVINO) with the parity check and manifest of
-    ``effvision export``; a quantized dir exports as QDQ for its target. ``onnx``: fields of
-    ``OnnxExportConfig`` (opset, dynamic_batch, dynamic_hw, atol, ...)."""
+    """Export a saved model dir to ONNX (or OpenVINO), as ``effvision export`` does.
+
+    The export is parity-checked against PyTorch and written with a manifest; a quantized
+    model dir exports as QDQ for its target.
+
+    Args:
+        model_dir: The model dir (``save`` or any effvision stage wrote it).
+        out_dir: Where ``model.onnx`` and ``manifest.json`` go, held for one writer; it must
+            not hold an export already.
+        format: ``"onnx"``, or ``"openvino"`` (also the OpenVINO IR, from standard ONNX).
+        **onnx: Fields of ``OnnxExportConfig`` (opset, dynamic_batch, parity_batch_sizes,
+            atol, dynamic_hw, hw_multiple).
+
+    Returns:
+        A summary of the export: the ONNX file's path, the model and the parity check.
+
+    Raises:
+        EffVisionError: If ``model_dir`` holds no model, the format is unknown, ``out_dir``
+            holds an export already or is in use, or the parity check fails.
+    """
     from effvision.export.model_dir import export_model_dir
     from effvision.export.onnx import OnnxExportConfig
 

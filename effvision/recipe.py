@@ -17,6 +17,8 @@ MAX_THREADS = 4096  # more is a typo, not a machine (2**70 would overflow torch'
 
 @dataclass
 class ModelConfig:
+    """The recipe's model: a timm model name with its constructor arguments, and the weights it starts from."""
+
     name: str = "vit_micro_patch4_32"        # any timm model name (effvision's own included)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (drop_path_rate, ...)
     pretrained: bool = False                 # timm pretrained weights (needs a hub; off on offline machines)
@@ -25,6 +27,9 @@ class ModelConfig:
 
 @dataclass
 class Recipe:
+    """A whole recipe: run settings (name, seed, device, determinism, threads), the model, the
+    data, and the list of stages, each parsed into its stage type's config."""
+
     name: str = "run"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -42,6 +42,9 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.(.*)$")
 
 @dataclass
 class GrowConfig:
+    """Function-preserving growth of a timm VisionTransformer: the target depth, the width factor,
+    and where new blocks go."""
+
     depth: int = 0                                      # target number of blocks; 0 keeps the depth
     width: int = 1                                      # width factor: 1 (keep) or 2 (embed, heads, MLP x2)
     position: Literal["interleave", "end"] = "interleave"  # where new blocks go

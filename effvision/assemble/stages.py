@@ -37,12 +37,18 @@ MODULE_DIR = "module"
 
 @dataclass
 class MetaConfig(TrainConfig):
+    """The ``meta`` stage (Deep Model Assembling): trains the meta model, the recipe's model with
+    one block per module; the other keys are the training config's."""
+
     type: str = "meta"
     modules: int = 2                  # K: the target's blocks are split into K modules
 
 
 @dataclass
 class IncubateConfig(TrainConfig):
+    """The ``incubate`` stage (Deep Model Assembling): trains one module of the target against the
+    frozen meta model; one job per module. The other keys are the training config's."""
+
     type: str = "incubate"
     modules: int = 2                  # K, as in the meta stage
     module: int = 0                   # which module this job trains (0..K-1)
@@ -51,6 +57,9 @@ class IncubateConfig(TrainConfig):
 
 @dataclass
 class AssembleConfig:
+    """The ``assemble`` stage (Deep Model Assembling): collects the incubated modules, checks their
+    hashes and builds the target model from them."""
+
     type: str = "assemble"
     modules: list[str] = field(default_factory=list)  # module dirs (or incubate stage dirs); [] = this run's
 
@@ -205,6 +214,9 @@ class AssembleStage(Stage):
 
 @dataclass
 class GrowStageConfig(GrowConfig):
+    """The ``grow`` stage: the newest model grown in depth and/or width, function-preserving, for the
+    next train stage to continue; optionally with the previous train stage's optimizer state grown too."""
+
     type: str = "grow"
     # reset: the next train stage starts a fresh optimizer; carry: it continues the previous
     # train stage's state, mapped onto the grown model (new blocks start fresh)

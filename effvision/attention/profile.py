@@ -20,6 +20,10 @@ __all__ = ["SparseAttentionConfig", "attention_maps", "candidates", "choose_poli
 
 @dataclass
 class SparseAttentionConfig:
+    """Block-sparse attention: per head, the cheapest candidate policy (windows of ``radii``,
+    ``strides``, ``heavy_fractions``) keeping ``recovery`` of its attention mass on calibration
+    images, and the kernel backend that runs it."""
+
     recovery: float = 0.95                  # fraction of each head's attention mass to keep, in (0, 1]
     block: int = 64                         # kernel block (tokens); the unit policies are costed in
     radii: list[int] = field(default_factory=lambda: [1, 2, 3])

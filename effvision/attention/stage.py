@@ -27,6 +27,9 @@ __all__ = ["SparseAttentionStageConfig", "SparseAttentionStage"]
 
 @dataclass
 class SparseAttentionStageConfig(SparseAttentionConfig):
+    """The ``sparse_attention`` stage: per-head block-sparse attention policies profiled on training
+    images, optionally fine-tuned; with ``data`` (COCO), applied to the newest detector's ViT backbone."""
+
     type: str = "sparse_attention"
     finetune_epochs: int = 0       # > 0: fine-tune with the sparse attention in place
     finetune_lr: float = 1e-4

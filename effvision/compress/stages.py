@@ -41,6 +41,9 @@ __all__ = ["PruneConfig", "PruneStage", "QuantizeConfig", "QuantizeStage"]
 
 @dataclass
 class PruneConfig:
+    """The ``prune`` stage: structured pruning of the newest model, by ratios per kind or by a
+    budget of params, MACs or latency, optionally in steps with fine-tuning in between."""
+
     type: str = "prune"
     criterion: str = DEFAULT_CRITERION   # l1 | l2 | random | taylor | obd (effvision.compress.importance)
     ratio: float | None = None           # fraction removed from every kind the model has
@@ -178,6 +181,9 @@ class PruneStage(Stage):
 
 @dataclass
 class QuantizeConfig(QuantConfig):
+    """The ``quantize`` stage: post-training quantization calibrated on the training split (the
+    quantization keys), with optional QAT fine-tuning."""
+
     type: str = "quantize"
     val_batches: int = 8           # training-split batches that judge the fallback (not the test split)
     qat_epochs: int = 0            # > 0: fine-tune the fake-quant model (straight-through estimator)

@@ -11,6 +11,8 @@ __all__ = ["AugmentConfig", "DataConfig"]
 
 @dataclass
 class AugmentConfig:
+    """Training-time augmentation: crop, flip, random erasing, AutoAugment, and Mixup/CutMix."""
+
     crop_padding: int = 4            # tensor loader: zero-pad then random crop back (CIFAR style)
     hflip: bool = True               # random horizontal flip
     random_erasing: float = 0.0      # timm RandomErasing probability
@@ -27,6 +29,9 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    """The recipe's dataset (digits, CIFAR-10 or an ImageFolder tree): where it is, how it is
+    loaded and batched, which splits and how many samples, normalization and augmentation."""
+
     name: Literal["digits", "cifar10", "imagefolder"] = "digits"
     root: str | None = None          # folder, or a .tar.gz of the ImageFolder tree (cifar10, imagefolder)
     download: bool = False           # cifar10 via torchvision when root is missing (needs network)

@@ -24,6 +24,9 @@ __all__ = ["TrainDetectionConfig", "TrainDetectionStage", "EvalDetectionConfig",
 
 @dataclass
 class TrainDetectionConfig:
+    """The ``train_detection`` stage: a torchvision detector (Faster R-CNN, RetinaNet, FCOS) over
+    a timm backbone, trained on COCO-format data."""
+
     type: str = "train_detection"
     detector: Literal["fasterrcnn", "retinanet", "fcos"] = "fasterrcnn"
     backbone: str | None = None      # name, model dir or run dir; default: previous stage's model, else model.*
@@ -126,6 +129,8 @@ class TrainDetectionStage(Stage):
 
 @dataclass
 class EvalDetectionConfig:
+    """The ``eval_detection`` stage: COCO mAP of the newest detector."""
+
     type: str = "eval_detection"
     data: CocoDataConfig = field(default_factory=CocoDataConfig)
 
@@ -157,6 +162,8 @@ class EvalDetectionStage(Stage):
 
 @dataclass
 class ExportDetectionConfig:
+    """The ``export_detection`` stage: the newest detector's backbone and neck to ONNX, parity-checked."""
+
     type: str = "export_detection"
     size: list[int] | None = None    # (H, W); default: the detector's fixed size, else min_size square
     opset: int = 18

@@ -42,6 +42,9 @@ EXEC_MODES = ("dense", "sparse", "masked", "oracle", "collect")
 
 @dataclass
 class ContextualConfig:
+    """Contextual sparsity (Deja Vu, for ViTs): the fractions of attention heads and MLP neurons
+    computed per image, and the low-rank predictors that choose them."""
+
     head_keep: float = 0.5          # fraction of attention heads computed per image, in (0, 1]
     mlp_keep: float = 0.3           # fraction of MLP hidden neurons computed per image, in (0, 1]
     rank: int = 128                 # predictor hidden width (Linear(D, rank) -> ReLU -> Linear(rank, out))

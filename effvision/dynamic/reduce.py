@@ -25,6 +25,9 @@ __all__ = ["TokenReduceConfig", "MODE", "reduce_tokens_", "convert_reduced", "re
 
 @dataclass
 class TokenReduceConfig:
+    """Token reduction on a timm VisionTransformer: ToMe token merging or EViT token pruning. The
+    ``reduce_tokens`` stage's config is this one plus its ``type``."""
+
     method: Literal["tome", "evit"] = "tome"
     r: int = 8                                        # ToMe: tokens merged per block
     schedule: Literal["constant", "decreasing"] = "constant"  # decreasing: 2r..0, same total

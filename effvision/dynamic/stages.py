@@ -43,6 +43,9 @@ def reduce_preflight(cfg: TokenReduceConfig, recipe: Any, index: int) -> None:
 
 @dataclass
 class EarlyExitStageConfig(TrainConfig):
+    """The ``early_exit`` stage: exit heads trained with the newest model (the training config's
+    keys), the exit threshold calibrated, and batch-1 latency measured."""
+
     type: str = "early_exit"
     exits: ExitConfig = field(default_factory=ExitConfig)
     latency_images: int = 64    # test images timed one by one (full model vs early exit), on the CPU
@@ -164,6 +167,9 @@ def _batch1_latency(model: torch.nn.Module, loader: Any, threshold: float, crite
 
 @dataclass
 class ContextualSparsityConfig(ContextualConfig):
+    """The ``contextual_sparsity`` stage: per-block head/neuron predictors trained on the newest model
+    (or reused), with recall, accuracy and CPU latency measured."""
+
     type: str = "contextual_sparsity"
     calib_batches: int = 8              # training batches whose oracle importance trains the predictors
     recall_batches: int = 4             # test batches the recall is measured on

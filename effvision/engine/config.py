@@ -13,6 +13,9 @@ __all__ = ["SchedulerConfig", "TrainConfig"]
 
 @dataclass
 class SchedulerConfig:
+    """The learning-rate schedule of a training stage: a timm scheduler with optional linear warm-up,
+    PyTorch's OneCycleLR, or a constant rate."""
+
     name: Literal["cosine", "onecycle", "step", "poly", "tanh", "constant"] = "cosine"
     warmup_epochs: float = 0.0     # linear warm-up (timm schedulers; onecycle: its rise phase)
     warmup_lr: float = 1e-6
@@ -23,6 +26,10 @@ class SchedulerConfig:
 
 @dataclass
 class TrainConfig:
+    """The ``train`` and ``finetune`` stages: epochs, optimizer, schedule, precision, evaluation,
+    checkpointing and logging of effvision's trainer. Those stages add one optional key per
+    trainer extension; the other training stages (meta, incubate, early_exit) extend this config."""
+
     type: str = "train"
     epochs: int = 10
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -21,6 +21,8 @@ __all__ = ["LogConfig", "RunLogger"]
 
 @dataclass
 class LogConfig:
+    """Experiment logging beside metrics.jsonl: TensorBoard, a CSV summary, and Weights & Biases."""
+
     tensorboard: bool = True        # <stage dir>/tensorboard/ event files (`tensorboard --logdir runs/`)
     csv: bool = True                # <stage dir>/summary.csv, one row per evaluation
     wandb: bool = False             # Weights & Biases (needs `pip install wandb` and a login or WANDB_MODE=offline)

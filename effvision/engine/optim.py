@@ -17,6 +17,9 @@ __all__ = ["OptimizerConfig", "register_optimizer", "create_optimizer", "OPTIMIZ
 
 @dataclass
 class OptimizerConfig:
+    """The optimizer of a training stage: any timm optimizer or a registered one (GaLore), with its
+    learning rate, weight decay and optimizer-specific settings."""
+
     name: str = "adamw"             # any timm optimizer (adamw, sgd, lamb, ...) or a registered one
     lr: float = 1e-3                # peak learning rate
     weight_decay: float = 0.05      # decoupled; timm skips norms and biases
@@ -29,7 +32,7 @@ class OptimizerConfig:
     update_proj_gap: int = 200      # T: steps between SVD refreshes of the projector
     scale: float = 0.25             # multiplies the projected-back update
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
-    svd: Literal["exact", "randomized"] = "exact"  # randomized: torch.svd_lowrank, much cheaper refreshes
+    svd: Literal["exact", "randomized"] = "exact"  # randomized: seeded Halko sketch, much cheaper refreshes
     targets: list[str] | None = None  # regexes on parameter names; default: ViT attn.qkv/proj, mlp.fc1/fc2
     layerwise: bool = False         # step each parameter in backward: a full set of gradients never exists
 

@@ -14,6 +14,9 @@ __all__ = ["BenchConfig", "BenchStage", "plot_throughput"]
 
 @dataclass
 class BenchConfig:
+    """The ``bench`` stage: throughput and latency of the newest model (its ONNX export for the
+    ``ort`` backend, where there is one) on each backend, optionally beside an earlier stage's model."""
+
     type: str = "bench"
     backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
     device: Literal["cpu", "cuda"] = "cpu"

@@ -16,6 +16,8 @@ __all__ = ["EvalConfig", "EvalStage", "evaluate_model_dir"]
 
 @dataclass
 class EvalConfig:
+    """The ``eval`` stage: accuracy of the newest model on the recipe's eval split."""
+
     type: str = "eval"
     tta_flip: bool = False                       # average over the image and its mirror
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"

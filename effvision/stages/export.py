@@ -12,6 +12,8 @@ __all__ = ["ExportConfig", "ExportStage"]
 
 @dataclass
 class ExportConfig:
+    """The ``export`` stage: the newest model to ONNX, parity-checked against PyTorch, with a manifest."""
+
     type: str = "export"
     format: Literal["onnx"] = "onnx"
     opset: int = 18

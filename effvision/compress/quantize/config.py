@@ -13,6 +13,9 @@ TARGETS = ("tensorrt", "ort-cpu")
 
 @dataclass
 class QuantConfig:
+    """Post-training quantization: the precision (int8/fp8), the runtime the QDQ form targets,
+    the calibration, the layers kept in float, and an optional accuracy budget or measured INT8 layers."""
+
     precision: Literal["int8", "fp8"] = "int8"     # fp16/bf16 need no calibration: an export precision
     target: Literal["tensorrt", "ort-cpu"] = "tensorrt"  # picks the QDQ form the runtime runs fastest
     calib_method: Literal["max", "percentile", "mse"] = "max"
