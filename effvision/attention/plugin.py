@@ -15,7 +15,8 @@ from .stage import SparseAttentionStage
 register_mode(Mode(MODE, version=1, restore=restore_policies, config=SparseAttentionConfig, convert=convert_sparse,
                    prohibits=("prune", "reduce_tokens", "contextual_sparsity", MODE),
                    why="per-head policies hold for the heads and the token grid they were profiled on; prune, "
-                       "reduce tokens or attach predictors before sparse_attention (profiled once)",
+                       "or attach exits before sparse_attention (profiled once); it does not combine with "
+                       "reduce_tokens or contextual_sparsity",
                    legacy=legacy_policies))
 register_stage(SparseAttentionStage)
 register_section("sparse_attention", Section("effvision.attention.gpu_section:sparse_attention_section",

@@ -19,12 +19,14 @@ REDUCE = register_mode(Mode(
     REDUCE_TOKENS, version=1, restore=restore_reduced, config=TokenReduceConfig, convert=convert_reduced,
     prohibits=("prune", REDUCE_TOKENS, "sparse_attention", CONTEXTUAL, EARLY_EXIT),
     why="token reduction changes every later block's token count and swaps the blocks' class; "
-        "prune, sparsify attention, attach exits or predictors before reduce_tokens",
+        "prune before reduce_tokens; it does not combine with sparse_attention, early_exit or "
+        "contextual_sparsity in either order",
     legacy=lambda params: (dict(params), {})))
 register_mode(Mode(EARLY_EXIT, version=1, restore=restore_exits, config=ExitConfig, convert=convert_exits,
                    prohibits=("prune", REDUCE_TOKENS, CONTEXTUAL, EARLY_EXIT),
                    why="the exit heads are sized and placed for the blocks as they are, and run them one by one; "
-                       "prune, reduce tokens or attach predictors before early_exit",
+                       "prune or sparsify attention before early_exit; it does not combine with reduce_tokens "
+                       "or contextual_sparsity",
                    legacy=legacy_exit))
 register_mode(Mode(CONTEXTUAL, version=1, restore=restore_contextual, config=ContextualConfig,
                    convert=contextual_sparsity_, prohibits=(ANY,),
