@@ -107,13 +107,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from effvision.export import OnnxExportConfig, export_model_dir
 
     from .dirlock import DirLock
+    from .models.io import read_spec
 
     src = Path(args.run_dir)
     model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
     out = Path(args.out) if args.out else src / f"export-{args.format}-opset{args.opset}"
+    deploy = (args.format == "tensorrt" or args.precision != "auto" or args.target is not None
+              or args.trt_check != "auto" or args.ort_optimize)
+    if args.dynamic_hw and (deploy or any(m["mode"] == "quantize" for m in read_spec(model_dir).modes)):
+        raise EffVisionError("--dynamic-hw applies to the fp32 ONNX export; a quantized model and a --target, "
+                             "--precision or --format tensorrt export keep the model's input size")
     with DirLock(out):  # one writer: a second export into the same folder stops at once
-        if (args.format == "tensorrt" or args.precision != "auto" or args.target is not None
-                or args.trt_check != "auto" or args.ort_optimize):
+        if deploy:
             from effvision.export.deploy_cli import export_for_target
 
             result = export_for_target(model_dir, out, args)

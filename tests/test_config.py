@@ -418,6 +418,8 @@ def cli_runs(tmp_path_factory):
                                 "--set", "data.root=/nonexistent"],
             "corrupt_checkpoint": ["export", str(corrupt), "--out", "x_corrupt"],
             "mismatched_checkpoint": ["export", str(mismatched), "--out", "x_mismatched"],
+            "dynamic_hw_with_target": ["export", str(micro), "--out", "x_dynhw", "--target", "ort-cpu",
+                                       "--dynamic-hw"],
         }.items()})
 
         # while those start up: a finished run of recipe.yaml (rerun below with another learning
@@ -465,10 +467,13 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
     ("mismatched_checkpoint", ("does not match the model",)),
     ("rerun_other_recipe", ("different recipe", "lr")),
     ("export_exists", ("exists already",)),
+    ("dynamic_hw_with_target", ("--dynamic-hw applies to the fp32 ONNX export",)),
 ])
 def test_cli_bad_input_is_one_line_exit_2(cli_runs, case, needles):
     rc, _out, err = cli_runs(case)
     assert_one_error_line(rc, err, *needles)
+    if case == "dynamic_hw_with_target":  # refused before anything is written (once ignored silently)
+        assert not (cli_runs.root / "x_dynhw").exists()
 
 
 @pytest.mark.slow
