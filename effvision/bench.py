@@ -202,7 +202,8 @@ def _summary(result: dict[str, Any], times: list[float], shape: tuple[int, ...],
     med = statistics.median(times)
     qs = np.percentile(np.array(times), [50, 90])
     result.update(input_shape=[batch_size, *shape], img_per_s=batch_size / med,
-                  latency_ms_p50=float(qs[0]) * 1e3, latency_ms_p90=float(qs[1]) * 1e3)
+                  latency_ms_p50=float(qs[0]) * 1e3, latency_ms_p90=float(qs[1]) * 1e3,
+                  times_ms=[round(t * 1e3, 4) for t in times])  # every timed call: the figures' raw numbers
     return result
 
 

@@ -2,7 +2,8 @@
 dense, random-LTD, curriculum (progressive resizing 16 -> 32 px), both, the loss-scored
 curriculum (difficulty = loss under the same budget's dense model) and the batch ramp, each
 for ``budget_s`` seconds of training; test top-1 and accuracy against training wall-clock
-(budget_cpu.png and budget_cpu.json in --out).
+(budget_cpu.png and budget_cpu.json in --out); the table is filed in the results ledger (section
+budget-cpu-figures) unless --no-ledger.
 
     .venv/bin/python scripts/budget_cpu_figures.py --out runs/budget_cpu [--budgets 60] [--threads 1]
 """
@@ -11,12 +12,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 
 TOKEN_DROP = {"start_tokens": 16, "buckets": 4}                         # all tokens from half the budget on
 RESOLUTION = {"metric": "resolution", "start": 0.5, "pacing": "linear"}  # 32 px from half the budget on
@@ -53,6 +57,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/budget_cpu")
     p.add_argument("--budgets", type=float, nargs="+", default=[60.0])
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +91,12 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "budget_cpu.png")
     print(f"plot: {out / 'budget_cpu.png'}")
+    if not args.no_ledger:
+        table = [{"variant": r["variant"], "budget (s)": r["budget_s"], "test top-1 (%)": r["top1"], "steps": r["steps"],
+                  "training img/s": r["train_img_per_s"]} for r in rows]
+        command = shlex.join(["python", "scripts/budget_cpu_figures.py", *sys.argv[1:]])
+        path = record("budget-cpu-figures", table, rows, command, "scripts/budget_cpu_figures.py", args.ledger_dir)
+        print(f"ledger: {path}")
 
 
 if __name__ == "__main__":

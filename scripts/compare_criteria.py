@@ -4,19 +4,23 @@ ratios and evaluate it before any fine-tuning (the criterion's own contribution)
     .venv/bin/python scripts/compare_criteria.py runs/quickstart_compress --ratio 0.3
 
 Reads the run's recipe (data) and its 01-train model; writes criteria.json and criteria.png
-into the run directory.
+into the run directory, and files the table in the results ledger (section compare-criteria)
+unless --no-ledger.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import shlex
+import sys
 import warnings
 from itertools import islice
 from pathlib import Path
 
 import torch
 
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.compress import PruneSpec, prune_
 from effvision.engine.evaluate import evaluate
 from effvision.models.io import load_model
@@ -30,6 +34,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of heads, MLP units and width removed")
     p.add_argument("--criteria", default="random,l1,l2,taylor,obd")
     p.add_argument("--calib-batches", type=int, default=4)
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="Unwrapped parameters")
     run = Path(args.run_dir)
@@ -46,6 +52,13 @@ def main() -> None:
         rows.append({"criterion": name, **evaluate(model, loaders.eval, torch.device("cpu"), "off")})
         print(f"{name:8s} top1 {rows[-1]['top1']:.2f}%", flush=True)
     (run / "criteria.json").write_text(json.dumps({"ratio": args.ratio, "rows": rows}, indent=2))
+    if not args.no_ledger:
+        table = [{"criterion": r["criterion"], "removed": 0.0 if r["criterion"] == "dense" else args.ratio,
+                  "test top-1 (%), no fine-tuning": r["top1"], "test top-5 (%)": r["top5"]} for r in rows]
+        command = shlex.join(["python", "scripts/compare_criteria.py", *sys.argv[1:]])
+        path = record("compare-criteria", table, {"ratio": args.ratio, "run": str(run), "rows": rows}, command,
+                      "scripts/compare_criteria.py", args.ledger_dir)
+        print(f"ledger: {path}")
     try:
         import matplotlib
         matplotlib.use("Agg")

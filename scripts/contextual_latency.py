@@ -1,6 +1,7 @@
 """Dense vs contextual sparsity (the gather path) in torch on the CPU, batch 1 and small batches,
 timed side by side in one process (the two alternate call by call; medians). Random init at 224:
-speed only (which heads/neurons are chosen does not change the work, only how many).
+speed only (which heads/neurons are chosen does not change the work, only how many). The table is
+filed in the results ledger (section contextual-latency) unless --no-ledger.
 
     .venv/bin/python scripts/contextual_latency.py [--models deit_tiny_patch16_224 deit_small_patch16_224]
         [--head-keep 0.5] [--mlp-keep 0.3] [--batch-sizes 1 8] [--iters 30] [--threads 2]
@@ -10,10 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
+from pathlib import Path
 
 import timm
 import torch
 
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.dynamic import ContextualConfig, contextual_sparsity_
 from effvision.dynamic.contextual import contextual_macs
 from effvision.dynamic.contextual_bench import dense_vs_sparse
@@ -27,6 +32,8 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -48,6 +55,15 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['head_keep']:.0%} | {r['mlp_keep']:.0%} | {r['macs_fraction']:.0%} | "
               f"{r['batch_size']} | {r['dense_ms_p50']:.1f} | {r['sparse_ms_p50']:.1f} | {r['speedup']:.2f}x |")
+    if not args.no_ledger:
+        # dense_vs_sparse keeps only the medians of its alternating calls: those are the raw numbers here
+        table = [{"model": r["model"], "heads kept": r["head_keep"], "MLP kept": r["mlp_keep"],
+                  "block MACs": r["macs_fraction"], "batch": r["batch_size"], "dense ms (median)": r["dense_ms_p50"],
+                  "sparse ms (median)": r["sparse_ms_p50"], "speedup": r["speedup"], "calls (alternating)": r["iters"]}
+                 for r in rows]
+        command = shlex.join(["python", "scripts/contextual_latency.py", *sys.argv[1:]])
+        path = record("contextual-latency", table, rows, command, "scripts/contextual_latency.py", args.ledger_dir)
+        print(f"ledger: {path}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Contextual sparsity on a trained model dir, several keep fractions: predictors trained on
 training batches, then on the test split top-1 of dense vs oracle vs predicted sparsity (same
 heads/neurons kept, so the same block MACs) and the predictors' recall; a table and a plot
-(top-1 against block MACs) in --out.
+(top-1 against block MACs) in --out; the table is filed in the results ledger (section
+contextual-sweep) unless --no-ledger.
 
     .venv/bin/python scripts/contextual_sweep.py RECIPE MODEL_DIR [--keeps 0.67,0.5 0.67,0.3 0.34,0.3]
         [--rank 128] [--steps 1000] [--calib-batches 16] [--out runs/contextual_sweep]
@@ -11,11 +12,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import matplotlib
 import torch
 
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.dynamic import ContextualConfig, contextual_sparsity_, set_contextual_mode_
 from effvision.dynamic.contextual import contextual_macs
 from effvision.dynamic.contextual_train import predictor_recall
@@ -37,6 +41,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--out", default="runs/contextual_sweep")
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +50,7 @@ def main() -> None:
     loaders = build_recipe_loaders(load_recipe(args.recipe), cpu)
     calib = [x for x, _ in itertools.islice(loaders.train.epoch(0), args.calib_batches)]
     test = [x for x, _ in loaders.eval.epoch(0)]
-    rows = []
+    rows, recalls = [], []
     for keeps in args.keeps:
         head_keep, mlp_keep = map(float, keeps.split(","))
         model, _ = load_model(args.model_dir)
@@ -61,6 +67,7 @@ def main() -> None:
             set_contextual_mode_(model, mode)
             row[key] = evaluate(model, loaders.eval, cpu, "off")["top1"]
         rows.append(row)
+        recalls.append(recall)
         print(json.dumps(row), flush=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))
     print("\n| heads kept | MLP neurons kept | block MACs | recall heads / neurons (worst block) | "
@@ -79,6 +86,16 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "contextual_sweep.png", dpi=120)
     print(f"plot: {out / 'contextual_sweep.png'}")
+    if not args.no_ledger:
+        table = [{"heads kept": r["heads_kept"], "MLP neurons kept": r["neurons_kept"], "block MACs": r["macs_fraction"],
+                  "recall heads (worst block)": r["recall_heads"], "recall neurons (worst block)": r["recall_neurons"],
+                  "top-1 dense": r["dense"], "top-1 oracle": r["oracle"], "top-1 predicted": r["predicted"]}
+                 for r in rows]
+        raw = {"model_dir": args.model_dir, "rank": args.rank, "steps": args.steps, "rows": rows,
+               "recall_per_block": recalls}
+        command = shlex.join(["python", "scripts/contextual_sweep.py", *sys.argv[1:]])
+        path = record("contextual-sweep", table, raw, command, "scripts/contextual_sweep.py", args.ledger_dir)
+        print(f"ledger: {path}")
 
 
 if __name__ == "__main__":

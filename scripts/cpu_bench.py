@@ -13,6 +13,9 @@ Then test top-1 of every exported ONNX in onnxruntime (the file that is timed), 
 in one process at batch 32 and batch 1, and a table (cpu_bench.md, cpu_bench.json) and a plot of
 accuracy against img/s (cpu_bench.png) in OUT.
 
+The table is also filed in the results ledger (bench/results/, section cpu-bench) with every
+round's img/s, unless --no-ledger.
+
 Finished runs are reused (effvision skips finished stages; an interrupted one resumes), so a rerun
 only re-times, and changing a setting under the same OUT is refused (use another --out).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,6 +182,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit-train", type=int, default=None, help="use only N training images (smoke runs)")
     p.add_argument("--limit-eval", type=int, default=None)
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"cpu_bench: CIFAR-10 not found at {args.data} (--data; ../shared/datasets/README.md)")
@@ -236,6 +244,21 @@ def main() -> None:
     print(table)
     print(f"cpu_bench: {meta['wall_s'] / 60:.1f} min, load average {load[0]:.2f}; "
           f"{out / 'cpu_bench.md'}, {out / 'cpu_bench.png'}")
+    if not args.no_ledger:
+        table_rows = []
+        for r in rows:
+            row = {"variant": r["variant"], "params (M)": r["params_m"], "test top-1 ORT (%)": r["top1_ort"],
+                   "top-1 vs dense": r["delta_top1"]}
+            for b in (32, 1):
+                lo, hi = r[f"spread_b{b}"]
+                row.update({f"ORT img/s b{b} (median)": r[f"img_per_s_b{b}"],
+                            f"b{b} spread (min-max)": f"{lo:,.0f}-{hi:,.0f}", f"b{b} vs dense": r[f"speedup_b{b}"]})
+            table_rows.append({**row, "rounds": args.rounds})
+        raw = {"img_per_s_per_round": {f"batch {b}": {n: timing[b][str(f)] for n, f in onnx.items()} for b in (32, 1)},
+               "top1_ort": top1, "meta": meta}
+        # cpu_bench.sh is the entry point: it only picks the interpreter and runs this file with the same arguments
+        command = shlex.join(["scripts/cpu_bench.sh", *sys.argv[1:]])
+        print(f"ledger: {record('cpu-bench', table_rows, raw, command, 'scripts/cpu_bench.py', args.ledger_dir)}")
 
 
 if __name__ == "__main__":

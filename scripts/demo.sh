@@ -8,3 +8,5 @@ out=runs/quickstart-$(date +%Y%m%d-%H%M%S)
 .venv/bin/effvision run recipes/quickstart.yaml --out "$out"
 echo
 echo "results: $out/*/summary.json; throughput plot: $out/04-bench/bench.png"
+# The figures of this run as a ledger entry (bench/results/): docs/getting-started.md shows the newest.
+echo "ledger entry: $(.venv/bin/python -m effvision.benchmarks.ledger quickstart "$out")"

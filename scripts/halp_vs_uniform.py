@@ -9,13 +9,16 @@ For every budget and allocation it runs ``effvision run`` on a recipe made from 
 already done in --out are kept (so the work can be split into short runs). Then every pruned model
 and the dense one are timed in onnxruntime in one process, round-robin (medians), and the table
 (halp_vs_uniform.md/json) and plot (halp_vs_uniform.png: top-1 against measured latency) are written
-to --out.
+to --out, and filed in the results ledger (section halp-vs-uniform, every cycle's seconds) unless
+--no-ledger.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -24,8 +27,9 @@ from typing import Any
 
 import yaml
 
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.compress.budget import BudgetSpec, _runner
-from effvision.compress.halp import round_robin
+from effvision.compress.halp import round_robin_times
 from effvision.models.io import load_model
 
 
@@ -73,6 +77,8 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma list of variants to run now, e.g. halp-0.55 (default: all)")
     p.add_argument("--cycles", type=int, default=60, help="round-robin cycles of the final timing")
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     run, out = Path(args.run_dir), Path(args.out)
     variants = [(float(b), a) for b in args.budgets.split(",") for a in ("uniform", "halp")]
@@ -91,7 +97,8 @@ def main() -> None:
         for b, a in done:
             runners[f"{a}-{b}"] = _runner(load_model(out / f"{a}-{b}" / "03-finetune" / "model")[0], shape, timing, stack)
         print(f"timing {len(runners)} models round-robin in onnxruntime, {args.cycles} cycles", flush=True)
-        seconds = round_robin(runners, args.cycles)
+        cycles = round_robin_times(runners, args.cycles)  # every cycle's seconds: the ledger's raw numbers
+    seconds = {k: statistics.median(v) for k, v in cycles.items()}
     rows = []
     for b, a in done:
         vdir = out / f"{a}-{b}"
@@ -118,6 +125,29 @@ def main() -> None:
     (out / "halp_vs_uniform.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     _plot(rows, dense_top1, out / "halp_vs_uniform.png")
+    if not args.no_ledger:
+        raw = {"seconds_per_cycle": cycles, "batch_size": shape[0], "dense_top1": dense_top1, "rows": rows}
+        command = shlex.join(["python", "scripts/halp_vs_uniform.py", *sys.argv[1:]])
+        path = record("halp-vs-uniform", _ledger_rows(rows, cycles, dense_top1), raw, command,
+                      "scripts/halp_vs_uniform.py", args.ledger_dir)
+        print(f"ledger: {path}")
+
+
+def _ledger_rows(rows: list[dict[str, Any]], cycles: dict[str, list[float]],
+                 dense_top1: float | None) -> list[dict[str, Any]]:
+    """The ledger table: the dense model first, then every variant, with the spread of its cycles."""
+    dense = {"budget": None, "allocation": "dense", "stage_latency_fraction": None, "macs_fraction": 1.0,
+             "top1_before_ft": dense_top1, "top1_after_ft": dense_top1}
+    base = statistics.median(cycles["dense"])
+    table = []
+    for r in [dense, *rows]:
+        t = cycles["dense" if r is dense else f"{r['allocation']}-{r['budget']}"]
+        table.append({"budget": r["budget"], "allocation": r["allocation"], "ms (median)": 1e3 * statistics.median(t),
+                      "spread (min-max) ms": f"{1e3 * min(t):.2f}-{1e3 * max(t):.2f}",
+                      "latency vs dense": statistics.median(t) / base, "in-stage": r["stage_latency_fraction"],
+                      "MACs": r["macs_fraction"], "top-1 no FT": r["top1_before_ft"],
+                      "top-1 after FT": r["top1_after_ft"]})
+    return table
 
 
 def _plot(rows: list[dict[str, Any]], dense_top1: float | None, path: Path) -> None:

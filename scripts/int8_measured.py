@@ -4,7 +4,8 @@ timings of each run.
 
 Each run: the model (random init, seed 0; speed does not depend on the weights) is quantized
 (INT8 PTQ, ort-cpu target, calibrated on random images), then measure_int8_layers_ times
-every block leave-one-out, round-robin, in onnxruntime.
+every block leave-one-out, round-robin, in onnxruntime. Both tables are filed in the results
+ledger (sections int8-measured: per block; int8-measured-final: per run) unless --no-ledger.
 
     .venv/bin/python scripts/int8_measured.py [--model vit_micro_patch4_32] [--img-size 32]
         [--runs 2] [--rounds 15] [--batch-size 8] [--min-wins 0.8] [--json OUT]
@@ -13,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
+from pathlib import Path
 
 import torch
 
 import effvision.models  # noqa: F401  (registers effvision's models)
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.runinfo import cpu_name
 from effvision.compress.quantize import QuantConfig, quantize_
 from effvision.compress.quantize.measured import measure_int8_layers_
@@ -42,6 +47,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-wins", type=float, default=0.8)
     p.add_argument("--json")
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     runs = [one_run(args) for _ in range(args.runs)]
     print(f"{args.model}, batch {args.batch_size}, {args.rounds} rounds, min wins {args.min_wins}, {cpu_name()}, "
@@ -61,7 +68,20 @@ def main() -> None:
     print(f"verdicts identical across runs: {same}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "cpu": cpu_name(), "runs": runs}, fh, indent=2)
+            # default=str: --ledger-dir is a Path
+            json.dump({"args": vars(args), "cpu": cpu_name(), "runs": runs}, fh, indent=2, default=str)
+    if not args.no_ledger:
+        blocks = [{"run": i + 1, "block": g, "INT8 speedup (median)": r["groups"][g]["int8_speedup"],
+                   "quartiles": "{:.2f}-{:.2f}".format(*r["groups"][g]["int8_speedup_quartiles"]),
+                   "INT8 wins": r["groups"][g]["int8_wins"], "kept": "INT8" if r["groups"][g]["int8"] else "float",
+                   "rounds": args.rounds} for i, r in enumerate(runs) for g in groups]
+        final = [{"run": i + 1, "chosen": r["final"]["chosen"], "all INT8 ms (median)": r["final"]["all_int8_ms"],
+                  "measured mix ms (median)": r["final"].get("measured_ms"),
+                  "all float ms (median)": r["final"]["all_float_ms"], "rounds": args.rounds} for i, r in enumerate(runs)]
+        raw = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "runs": runs}
+        command = shlex.join(["python", "scripts/int8_measured.py", *sys.argv[1:]])
+        for section, table in (("int8-measured", blocks), ("int8-measured-final", final)):
+            print(f"ledger: {record(section, table, raw, command, 'scripts/int8_measured.py', args.ledger_dir)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 vs the grown model from scratch, each pair at equal training compute. Test top-1, training time
 per stage (evaluation excluded) and, for assembling, the wall-clock if the K incubation jobs ran
 on K machines (meta + slowest incubation + finetune). Writes modular_cpu.json, modular_cpu.md and
-modular_cpu.png (top-1 against training time) in --out.
+modular_cpu.png (top-1 against training time) in --out, and files each figure's table in the results
+ledger (sections modular-cpu-figures-assemble, modular-cpu-figures-grow) unless --no-ledger.
 
     .venv/bin/python scripts/modular_cpu_figures.py --out runs/modular_cpu [--only assemble|grow] [--variant K=4]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 
 TRAINING = ("train", "meta", "incubate", "finetune")
 
@@ -95,6 +99,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/modular_cpu")
     p.add_argument("--only", choices=sorted(FIGURES), help="one figure (default: both)")
     p.add_argument("--variant", action="append", default=[], help="only runs whose label contains this (repeatable)")
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +130,19 @@ def main() -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "modular_cpu.png", dpi=120)
+    if not args.no_ledger:
+        command = shlex.join(["python", "scripts/modular_cpu_figures.py", *sys.argv[1:]])
+        for figure in sorted({r["figure"] for r in rows}):  # one section per figure: --only runs one of them
+            measured = [r for r in rows if r["figure"] == figure]
+            table = [{"run": r["variant"], "compute": r["compute"],
+                      "training time per stage (s)": " + ".join(f"{t:.1f}" for t in r["stage_times"]),
+                      "total (s)": r["train_s"],
+                      **({"on K machines (s)": r["k_machines_s"]} if figure == "assemble" else {}),
+                      "test top-1 (%)": r["top1"] if r["top1"] is not None else f"failed (exit {r['exit_code']})"}
+                     for r in measured]
+            path = record(f"modular-cpu-figures-{figure}", table, measured, command, "scripts/modular_cpu_figures.py",
+                          args.ledger_dir)
+            print(f"ledger: {path}")
 
 
 if __name__ == "__main__":

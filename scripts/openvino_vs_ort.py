@@ -2,7 +2,8 @@
 
 Each model is exported once (fp32) and quantized once (INT8 PTQ, ort-cpu target, calibrated on
 random images: speed does not depend on the weights); the four runners then alternate call by
-call so load from other jobs hits all alike, and the figure is the median per runner.
+call so load from other jobs hits all alike, and the figure is the median per runner. The table
+is filed in the results ledger (section openvino-vs-ort, every call's seconds) unless --no-ledger.
 
     .venv/bin/python scripts/openvino_vs_ort.py [--models vit_micro_patch4_32 deit_tiny_patch16_224]
         [--batch-sizes 32 1] [--calls 30] [--threads 2] [--json OUT]
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ import timm
 import torch
 
 import effvision  # noqa: F401
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.runinfo import cpu_name
 from effvision.compress.quantize import QuantConfig, quantize_
 from effvision.export import OnnxExportConfig, export_model_dir
@@ -51,8 +55,10 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=30, help="timed calls per runner (alternating)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
-    rows = []
+    rows, timings = [], []
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             shape, files = exports(name, Path(tmp))
@@ -82,6 +88,8 @@ def main() -> None:
                     med = statistics.median(t)
                     rows.append({"model": name, "batch": batch, "runtime": runtime, "precision": precision,
                                  "img_per_s": round(batch / med, 1), "vs_ort_fp32": round(base / med, 3)})
+                    timings.append({"model": name, "batch": batch, "runtime": runtime, "precision": precision,
+                                    "seconds": t})
                     print(json.dumps(rows[-1]), flush=True)
     print(f"\n{cpu_name()}, {args.threads} threads, median of {args.calls} alternating calls\n")
     print("| model | batch | runtime | precision | img/s | vs onnxruntime fp32 |\n|---|---|---|---|---|---|")
@@ -90,6 +98,16 @@ def main() -> None:
               f"{r['vs_ort_fp32']:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": cpu_name(), "threads": args.threads, "rows": rows}, indent=2))
+    if not args.no_ledger:
+        table = [{"model": r["model"], "batch": r["batch"], "runtime": r["runtime"], "precision": r["precision"],
+                  "img/s (median)": r["img_per_s"],
+                  "spread (min-max) img/s": "{:,.1f}-{:,.1f}".format(r["batch"] / max(m["seconds"]),
+                                                                     r["batch"] / min(m["seconds"])),
+                  "vs onnxruntime fp32": r["vs_ort_fp32"], "calls": args.calls} for r, m in zip(rows, timings)]
+        command = shlex.join(["python", "scripts/openvino_vs_ort.py", *sys.argv[1:]])
+        path = record("openvino-vs-ort", table, {"threads": args.threads, "seconds_per_call": timings}, command,
+                      "scripts/openvino_vs_ort.py", args.ledger_dir)
+        print(f"ledger: {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """onnxruntime CPU throughput of several models, timed round-robin in one process so that load
 from other jobs on the machine hits all of them alike; prints img/s medians and each model's
 ratio to the first. Targets are what `effvision bench` takes (a model dir, run dir or .onnx).
+The table is filed in the results ledger (section ort-roundrobin, every round's img/s) unless
+--no-ledger.
 
     .venv/bin/python scripts/ort_roundrobin.py DENSE_MODEL_DIR COMPRESSED.onnx [--rounds 7] [--threads 2]
 """
@@ -8,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 from effvision.bench import resolve_target, roundrobin
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.export import OnnxExportConfig, export_onnx
 from effvision.models.io import load_model
 
@@ -36,6 +41,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     workdir = tempfile.TemporaryDirectory()
     files = {t: as_onnx(t, Path(workdir.name)) for t in args.targets}
@@ -48,6 +55,14 @@ def main() -> None:
              "per_round": [round(x, 1) for x in v]} for t, v in rates.items()]
     print(json.dumps({"batch_size": args.batch_size, "threads": args.threads, "rounds": args.rounds, "rows": rows},
                      indent=2))
+    if not args.no_ledger:
+        table = [{"target": r["target"], "batch": args.batch_size, "img/s (median)": r["median_img_per_s"],
+                  "spread (min-max) img/s": f"{min(rates[r['target']]):,.1f}-{max(rates[r['target']]):,.1f}",
+                  "vs first": r["ratio_vs_first"], "rounds": args.rounds} for r in rows]
+        raw = {"batch_size": args.batch_size, "threads": args.threads, "iters": args.iters, "img_per_s_per_round": rates}
+        command = shlex.join(["python", "scripts/ort_roundrobin.py", *sys.argv[1:]])
+        path = record("ort-roundrobin", table, raw, command, "scripts/ort_roundrobin.py", args.ledger_dir)
+        print(f"ledger: {path}", file=sys.stderr)  # stdout stays one JSON document
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ TorchScript exporter writes it, and with onnxruntime's transformer optimizer (or
 with and without one fused Attention op per block; INT8 as effvision's ort-cpu export
 (onnxruntime's dynamic quantization of the plain graph), the same on the optimized and on the
 fused graph (QAttention), and effvision's calibrated QDQ graphs (ort-cpu U8S8 and tensorrt
-S8S8 forms, calibrated on 64 CIFAR-10 training images).
+S8S8 forms, calibrated on 64 CIFAR-10 training images). The table is filed in the results ledger
+(section quant-cpu-figures, every round's seconds) unless --no-ledger.
 
     .venv/bin/python scripts/quant_cpu_figures.py [--model deit_tiny_patch16_224 | --model-dir DIR]
         [--rounds 7] [--images 256]
@@ -20,7 +21,9 @@ import argparse
 import contextlib
 import io
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -32,6 +35,7 @@ import timm
 import torch
 
 import effvision.models  # noqa: F401
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.compress.quantize import QuantConfig, quantize_
 from effvision.export import DeployConfig, OnnxExportConfig, export_deployable, export_onnx
 from effvision.models.io import ModelSpec, load_model, save_model
@@ -103,7 +107,8 @@ def build(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Path], torch.n
     return files, ref, spec
 
 
-def time_round_robin(sessions: dict, batch: int, size: int, rounds: int) -> dict[str, float]:
+def time_round_robin(sessions: dict, batch: int, size: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of every session in each round."""
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     reps = max(1, 32 // batch)  # batch 1: 32 calls per timing, so a round is not one short call
     for s in sessions.values():
@@ -115,7 +120,7 @@ def time_round_robin(sessions: dict, batch: int, size: int, rounds: int) -> dict
             for _ in range(reps):
                 s.run(None, {"input": x})
             times[k].append((time.perf_counter() - t0) / reps)
-    return {k: batch / statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def main() -> None:
@@ -125,6 +130,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=256, help="real images for agreement/SQNR (0: skip)")
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     files, ref, spec = build(args, tmp)
@@ -134,16 +141,18 @@ def main() -> None:
         opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
         sessions[k] = ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"])
     out: dict = {"model": args.model_dir or args.model, "threads": args.threads, "rounds": args.rounds}
+    seconds: dict[int, dict[str, list[float]]] = {}
     for batch in (32, 1):
-        ips = time_round_robin(sessions, batch, spec.img_size, args.rounds)
+        seconds[batch] = time_round_robin(sessions, batch, spec.img_size, args.rounds)
+        ips = {k: batch / statistics.median(v) for k, v in seconds[batch].items()}
         best = max(v for k, v in ips.items() if k.startswith("fp32"))
         out[f"batch {batch}"] = {k: {"img_per_s": round(v, 1), "vs_fastest_fp32": round(v / best, 2)}
                                  for k, v in ips.items()}
     x = real_images(args.images, spec.img_size, spec.mean, spec.std)
+    agree: dict[str, dict[str, float]] = {}
     if x is not None:
         with torch.no_grad():
             logits = torch.cat([ref(t) for t in torch.from_numpy(x).split(32)]).numpy()
-        agree = {}
         for k, s in sessions.items():
             o = np.concatenate([s.run(None, {"input": t})[0] for t in np.array_split(x, max(1, len(x) // 32))])
             noise = max(float(((o - logits) ** 2).mean()), 1e-30)
@@ -151,6 +160,23 @@ def main() -> None:
                         "sqnr_db": round(float(10 * np.log10((logits ** 2).mean() / noise)), 1)}
         out[f"vs PyTorch fp32 on {len(x)} CIFAR-10 test images at {spec.img_size}px"] = agree
     print(json.dumps(out, indent=2))
+    if not args.no_ledger:
+        table = []
+        for k in sessions:
+            row: dict = {"graph": k}
+            for batch in (32, 1):
+                t = seconds[batch][k]
+                row.update({f"b{batch} img/s (median)": out[f"batch {batch}"][k]["img_per_s"],
+                            f"b{batch} spread (min-max)": f"{batch / max(t):,.1f}-{batch / min(t):,.1f}",
+                            f"b{batch} vs fastest fp32": out[f"batch {batch}"][k]["vs_fastest_fp32"]})
+            if agree:
+                row.update({"top-1 agreement": agree[k]["top1_agreement"], "SQNR (dB)": agree[k]["sqnr_db"]})
+            table.append({**row, "rounds": args.rounds})
+        raw = {"model": out["model"], "threads": args.threads, "agreement": agree,
+               "seconds_per_round": {f"batch {b}": v for b, v in seconds.items()}}
+        command = shlex.join(["python", "scripts/quant_cpu_figures.py", *sys.argv[1:]])
+        path = record("quant-cpu-figures", table, raw, command, "scripts/quant_cpu_figures.py", args.ledger_dir)
+        print(f"ledger: {path}", file=sys.stderr)  # stdout stays one JSON document
 
 
 if __name__ == "__main__":

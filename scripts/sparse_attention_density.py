@@ -1,6 +1,7 @@
 """Accuracy against attention density: a trained model dir (e.g. runs/quickstart/01-train/model),
 per-head policies at kept mass 1.0 / 0.99 / 0.95 / 0.9, test top-1 and mean block density of
-each; table on stdout, JSON and plot in --out.
+each; table on stdout, JSON and plot in --out, and the table filed in the results ledger (section
+sparse-attention-density) unless --no-ledger.
 
   .venv/bin/python scripts/sparse_attention_density.py runs/quickstart/01-train/model \
       --recipe recipes/quickstart.yaml --block 16 --out runs/sparse_attention_density
@@ -10,12 +11,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import matplotlib
 import torch
 
 from effvision.attention import SparseAttentionConfig, density_report, sparsify_attention_
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.engine.evaluate import evaluate
 from effvision.models.io import load_model
 from effvision.recipe import load_recipe
@@ -32,6 +36,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--out", default="runs/sparse_attention_density")
+    ap.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    ap.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     a = ap.parse_args()
     cpu = torch.device("cpu")
     loaders = build_recipe_loaders(load_recipe(a.recipe), cpu)
@@ -52,6 +58,14 @@ def main() -> None:
     plt.xlabel("mean attention block density")
     plt.ylabel("test top-1 (%)")
     plt.savefig(out / "accuracy_vs_density.png", dpi=120)
+    if not a.no_ledger:
+        table = [{"kept mass": r["recovery"], "block": a.block, "block density": r["density"],
+                  "test top-1 (%)": r["top1"]} for r in rows]
+        raw = {"model_dir": a.model_dir, "block": a.block, "calib_batches": a.calib_batches, "rows": rows}
+        command = shlex.join(["python", "scripts/sparse_attention_density.py", *sys.argv[1:]])
+        path = record("sparse-attention-density", table, raw, command, "scripts/sparse_attention_density.py",
+                      a.ledger_dir)
+        print(f"ledger: {path}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ backbone's attention profiled on COCO128 images and swapped for per-head policie
 1.0 / 0.99 / 0.95 / 0.9 (--recoveries), without fine-tuning; COCO mAP of each (pycocotools; COCO128 is a pipeline
 check: the detector is trained and evaluated on the same 128 images). Table on stdout, JSON and
 plot in --out (density-b<block>.json; map_vs_density.png over every block size run there); a rerun
-reuses the trained detector.
+reuses the trained detector. The table is filed in the results ledger (section
+sparse-attention-detection) unless --no-ledger.
 
   .venv/bin/python scripts/sparse_attention_detection.py --init runs/cpu_bench/dense/01-train/model \
       --out runs/sparse_attention_detection [--epochs 40] [--size 128] [--block 64] [--recoveries 1 0.9 0.8]
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 import yaml
 
 from effvision.attention import SparseAttentionConfig, density_report
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.data.coco import CocoDataConfig, coco_samples
 from effvision.detection.evaluate import evaluate_coco
 from effvision.detection.io import load_detector
@@ -62,6 +65,8 @@ def main() -> None:
                     help="kept attention mass per variant (1.0: dense)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("runs/sparse_attention_detection"))
+    ap.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    ap.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
@@ -78,9 +83,16 @@ def main() -> None:
         rows.append({"recovery": recovery, "density": density, "map": m["bbox_mAP"], "map_50": m["bbox_mAP50"]})
         print(f"kept mass {recovery:.2f}: block density {density:.3f}  mAP {m['bbox_mAP']:.4f}  mAP@0.5 {m['bbox_mAP50']:.4f}",
               flush=True)
-    (a.out / f"density-b{a.block}.json").write_text(json.dumps({"size": a.size, "block": a.block, "epochs": a.epochs,
-                                                    "init": str(a.init), "rows": rows}, indent=1))
+    result = {"size": a.size, "block": a.block, "epochs": a.epochs, "init": str(a.init), "rows": rows}
+    (a.out / f"density-b{a.block}.json").write_text(json.dumps(result, indent=1))
     plot(a.out)
+    if not a.no_ledger:
+        table = [{"kept mass": r["recovery"], "block": a.block, "block density": r["density"], "bbox mAP": r["map"],
+                  "bbox mAP@0.5": r["map_50"]} for r in rows]
+        command = shlex.join(["python", "scripts/sparse_attention_detection.py", *sys.argv[1:]])
+        path = record("sparse-attention-detection", table, result, command, "scripts/sparse_attention_detection.py",
+                      a.ledger_dir)
+        print(f"ledger: {path}")
 
 
 def plot(out: Path) -> None:

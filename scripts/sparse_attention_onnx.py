@@ -3,14 +3,17 @@
 (parity-checked against the eager module): dense attention, the per-head policies as masked dense
 attention, and the same policies in their export form (block gather: banded windowed attention for
 local windows). Timed round-robin in one process so machine load hits all alike; prints img/s
-medians and ratios.
+medians and ratios, and files them in the results ledger (section sparse-attention-onnx, every
+round's img/s) unless --no-ledger.
 
     .venv/bin/python scripts/sparse_attention_onnx.py [--policy special+local] [--radius 2] [--block 32]
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
 from effvision.attention import apply_policies, model_grid
 from effvision.attention.export import BlockGatherAttention
 from effvision.bench import time_calls
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.export import OnnxExportConfig, check_parity, export_onnx
 from effvision.models.io import ModelSpec, create_model
 
@@ -37,12 +41,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
     shape, cfg = (3, args.img_size, args.img_size), OnnxExportConfig(parity_batch_sizes=[1, 2])
     spec = ModelSpec(name="vit_micro_patch4_32", num_classes=10, img_size=args.img_size,
                      kwargs={"img_size": args.img_size})
-    paths, density = {}, 0.0
+    paths, errors, density = {}, {}, 0.0
     for form in ("dense", "masked dense", "block gather"):
         torch.manual_seed(0)
         model = create_model(spec).eval()
@@ -60,7 +66,7 @@ def main() -> None:
         path = export_onnx(model, work / f"{form.replace(' ', '_')}.onnx", shape, cfg)
         err = check_parity(model, path, shape, cfg.parity_batch_sizes, cfg.atol)["max_abs_error"]
         print(f"{form}: exported, parity max abs error {err:.2e}", flush=True)
-        paths[form] = path
+        paths[form], errors[form] = path, err
     print(f"policy {args.policy} radius {args.radius}, block {args.block}: block density {density:.3f}, "
           f"{model_grid(model).n} tokens")
     opts = ort.SessionOptions()
@@ -76,6 +82,16 @@ def main() -> None:
     dense = statistics.median(rates["dense"])
     for f, v in rates.items():
         print(f"{f}: {statistics.median(v):.2f} img/s (x{statistics.median(v) / dense:.2f} dense)")
+    if not args.no_ledger:
+        table = [{"attention form": f, "batch": args.batch_size, "img/s (median)": statistics.median(v),
+                  "spread (min-max) img/s": f"{min(v):,.2f}-{max(v):,.2f}", "vs dense": statistics.median(v) / dense,
+                  "parity max abs error": errors[f], "rounds": args.rounds} for f, v in rates.items()]
+        raw = {"img_size": args.img_size, "tokens": model_grid(model).n, "policy": args.policy, "radius": args.radius,
+               "block": args.block, "block_density": density, "threads": args.threads, "iters": args.iters,
+               "img_per_s_per_round": rates}
+        command = shlex.join(["python", "scripts/sparse_attention_onnx.py", *sys.argv[1:]])
+        path = record("sparse-attention-onnx", table, raw, command, "scripts/sparse_attention_onnx.py", args.ledger_dir)
+        print(f"ledger: {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """random-LTD vs dense on the quickstart recipe, side by side in one invocation: layer-tokens
 processed, measured training img/s and test top-1 at equal epochs, and accuracy against
-training wall-clock (token_drop_cpu.png and token_drop_cpu.json in --out).
+training wall-clock (token_drop_cpu.png and token_drop_cpu.json in --out); the table is filed in the
+results ledger (section token-drop-cpu-figures) unless --no-ledger.
 
     .venv/bin/python scripts/token_drop_cpu_figures.py --out runs/token_drop_cpu [--epochs 30]
 """
@@ -9,12 +10,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.tokens import TokenDropConfig
 from effvision.tokens.random_ltd import layer_tokens
 
@@ -26,6 +29,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/token_drop_cpu")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,6 +73,14 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "token_drop_cpu.png")
     print(f"wrote {out / 'token_drop_cpu.json'} and {out / 'token_drop_cpu.png'}")
+    if not args.no_ledger:
+        table = [{"variant": r["variant"], "epochs": args.epochs, "test top-1 (%)": r["top1"],
+                  "training time (s)": r["train_time_s"], "training img/s": r["train_img_per_s"],
+                  "layer-tokens vs dense": r["layer_token_fraction"]} for r in rows]
+        command = shlex.join(["python", "scripts/token_drop_cpu_figures.py", *sys.argv[1:]])
+        path = record("token-drop-cpu-figures", table, {"token_drop": TOKEN_DROP, "rows": rows}, command,
+                      "scripts/token_drop_cpu_figures.py", args.ledger_dir)
+        print(f"ledger: {path}")
 
 
 if __name__ == "__main__":

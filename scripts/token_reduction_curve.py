@@ -2,7 +2,8 @@
 keep rates, and (with --pruned) the pruned model alone and with ToMe, training-free. Test top-1 in
 torch; img/s in torch (eager) and in onnxruntime (each variant exported by effvision's ONNX export,
 parity-checked), every variant timed round-robin in one process so load hits all alike. Table on
-stdout; tokens.json, tokens.md and accuracy_vs_speed.png (one panel per runtime) in --out.
+stdout; tokens.json, tokens.md and accuracy_vs_speed.png (one panel per runtime) in --out; the
+table is filed in the results ledger (section token-reduction-curve) unless --no-ledger.
 
   .venv/bin/python scripts/token_reduction_curve.py runs/quickstart/01-train/model \
       --recipe recipes/quickstart.yaml --out runs/tokens_quickstart [--pruned runs/pc/03-finetune/model]
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from effvision.bench import roundrobin, time_calls
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.dynamic import TokenReduceConfig, reduce_tokens_
 from effvision.engine.evaluate import evaluate
 from effvision.export import OnnxExportConfig, export_onnx
@@ -88,6 +92,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/token_reduction_curve")
+    ap.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    ap.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
@@ -129,6 +135,23 @@ def main() -> None:
                                               f"{os.cpu_count()} cores, load {load:.1f}")
     print(table)
     print(f"load average {load:.2f}; {out}")
+    if not a.no_ledger:
+        ledger_rows = [{"variant": r["variant"], "test top-1 (%)": r["top1"], "batch": r["batch"],
+                        "torch img/s (median)": r["torch_img_s"], "torch spread (min-max)": _spread(r["torch_spread"]),
+                        "torch vs dense": r["torch_x"], "onnxruntime img/s (median)": r["ort_img_s"],
+                        "onnxruntime spread (min-max)": _spread(r["ort_spread"]), "onnxruntime vs dense": r["ort_x"],
+                        "rounds": a.rounds} for r in rows]
+        raw = {"model": a.model_dir, "pruned": a.pruned, "threads": a.threads, "iters": a.iters,
+               "top1": {r["variant"]: r["top1"] for r in rows}, "torch_img_per_s_per_round": t_rates,
+               "ort_img_per_s_per_round": {n: o_rates[f] for n, f in files.items()}}
+        command = shlex.join(["python", "scripts/token_reduction_curve.py", *sys.argv[1:]])
+        path = record("token-reduction-curve", ledger_rows, raw, command, "scripts/token_reduction_curve.py",
+                      a.ledger_dir)
+        print(f"ledger: {path}")
+
+
+def _spread(lo_hi: list[float]) -> str:
+    return f"{lo_hi[0]:,.0f}-{lo_hi[1]:,.0f}"
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """deit_small_patch16_224 (random init: speed only) dense vs ToMe in onnxruntime fp32 on the CPU,
 both exported through effvision's ONNX export (parity-checked), timed round-robin in one process
-so machine load hits both alike; prints img/s medians and the ratio.
+so machine load hits both alike; prints img/s medians and the ratio, and files them in the results
+ledger (section tome-deit-ort, every round's img/s) unless --no-ledger.
 
     .venv/bin/python scripts/tome_deit_ort.py [--r 13] [--batch-size 8] [--rounds 5] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from effvision.bench import time_calls
+from effvision.benchmarks.ledger import LEDGER_DIR, record
 from effvision.dynamic import TokenReduceConfig, reduce_tokens_
 from effvision.export import OnnxExportConfig, check_parity, export_onnx
 
@@ -29,10 +33,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
     shape, cfg = (3, 224, 224), OnnxExportConfig(parity_batch_sizes=[1, 2])
-    paths = {}
+    paths, errors = {}, {}
     for r in [0, *args.r]:
         torch.manual_seed(0)
         model = timm.create_model("deit_small_patch16_224").eval()
@@ -41,7 +47,7 @@ def main() -> None:
         path = export_onnx(model, work / f"r{r}.onnx", shape, cfg)
         err = check_parity(model, path, shape, cfg.parity_batch_sizes, cfg.atol)["max_abs_error"]
         print(f"r={r}: exported, parity max abs error {err:.2e}")
-        paths[r] = path
+        paths[r], errors[r] = path, err
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     sessions = {r: ort.InferenceSession(str(pth), opts, providers=["CPUExecutionProvider"]) for r, pth in paths.items()}
@@ -55,6 +61,14 @@ def main() -> None:
     dense = statistics.median(rates[0])
     for r, v in rates.items():
         print(f"r={r}: {statistics.median(v):.1f} img/s (x{statistics.median(v) / dense:.2f} dense)")
+    if not args.no_ledger:
+        table = [{"ToMe r": r, "batch": args.batch_size, "img/s (median)": statistics.median(v),
+                  "spread (min-max) img/s": f"{min(v):,.1f}-{max(v):,.1f}", "vs dense": statistics.median(v) / dense,
+                  "parity max abs error": errors[r], "rounds": args.rounds} for r, v in rates.items()]
+        raw = {"model": "deit_small_patch16_224", "threads": args.threads, "iters": args.iters,
+               "img_per_s_per_round": {f"r={r}": v for r, v in rates.items()}}
+        command = shlex.join(["python", "scripts/tome_deit_ort.py", *sys.argv[1:]])
+        print(f"ledger: {record('tome-deit-ort', table, raw, command, 'scripts/tome_deit_ort.py', args.ledger_dir)}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""The results ledger: every benchmark run's figures as one small JSON file in bench/results/,
-and the README's figure tables generated from it.
+"""The results ledger: every measured figure as one small JSON file in bench/results/, and the
+figure tables of the README and the documentation pages generated from it.
 
     python -m effvision.benchmarks.ledger add results/<stamp>/ledger.json   # file a gpu_bench call's results
-    python -m effvision.benchmarks.ledger readme [--check]                  # rewrite (or check) README tables
+    python -m effvision.benchmarks.ledger render [--check]                  # rewrite (or check) the tables
 
 An entry: ``{"date", "machine", "command", "source", "environment": {versions, git_sha,
-hardware}, "sections": {name: {"status", "rows": [...]}}}``. The README is only touched between
-``<!-- ledger:NAME -->`` and ``<!-- /ledger:NAME -->``; each such block shows, per machine kind,
-the latest entry with that section, with its date and command, rendered by the section's own
-markdown function. A section no entry has measured shows as unmeasured.
+hardware}, "sections": {name: {"status", "rows": [...], "raw": ...}}}``. ``raw`` holds the
+numbers as measured (per-round timings, per-run accuracies) from which the rows were computed;
+an entry without them is refused (``entry_problems``), so a figure typed in from elsewhere
+cannot pass as measured. Figure scripts file their entry with ``record``; gpu_bench calls with
+``add``. A page is only touched between ``<!-- ledger:NAME -->`` and ``<!-- /ledger:NAME -->``;
+each such block shows, per machine kind, the latest entry with that section, with its date and
+command, rendered by the section's markdown function (a plain table of the rows for sections
+without one). A section no entry has measured shows as unmeasured.
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ from typing import Any
 
 from .registry import sections
 
-__all__ = ["LEDGER_DIR", "machine_kind", "make_entry", "load_ledger", "add_entry", "render_block", "update_readme",
-           "quickstart_markdown"]
+__all__ = ["LEDGER_DIR", "PAGES", "machine_kind", "make_entry", "entry_problems", "record", "load_ledger", "add_entry",
+           "render_block", "update_page", "pages", "table_markdown", "quickstart_markdown"]
 
 REPO = Path(__file__).resolve().parents[2]
 LEDGER_DIR = REPO / "bench" / "results"
+PAGES = (REPO / "README.md", REPO / "docs")  # where generated blocks may live (docs/: every .md under it)
 BLOCK = re.compile(r"(<!-- ledger:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /ledger:(?P=name) -->)", re.S)
 MAX_BYTES = 256 * 1024  # the ledger stays small text: an entry larger than this is refused
 
@@ -48,6 +53,40 @@ def make_entry(command: str, source: str) -> dict[str, Any]:
             "environment": env, "sections": {}}
 
 
+def entry_problems(e: dict[str, Any]) -> list[str]:
+    """What keeps ``e`` from being a measured entry (empty when it is one)."""
+    problems = [f"no {k}" for k in ("date", "machine", "command", "source", "environment", "sections") if not e.get(k)]
+    env = e.get("environment") or {}
+    if not env.get("git_sha"):
+        problems.append("no git_sha (which code measured it?)")
+    if not (env.get("versions") or {}).get("torch"):
+        problems.append("no package versions")
+    for name, sec in (e.get("sections") or {}).items():
+        if sec.get("status") == "ok" and not sec.get("raw"):
+            problems.append(f"section {name}: no raw numbers")
+    return problems
+
+
+def record(section: str, rows: list[dict[str, Any]], raw: Any, command: str, source: str,
+           root: Path = LEDGER_DIR) -> Path:
+    """File one figure script's result as a ledger entry; returns its path.
+
+    Args:
+        section: the name of the generated block that shows it (``<!-- ledger:NAME -->``).
+        rows: the table's rows (plain JSON values; one dict per row, its keys the column headers).
+        raw: the numbers as measured, from which the rows were computed (per-round timings, ...).
+        command: the command line that measured it, as a user would type it.
+        source: the script that wrote it.
+        root: the ledger folder.
+    """
+    entry = make_entry(command, source)
+    entry["sections"] = {section: {"status": "ok", "rows": rows, "raw": raw}}
+    problems = entry_problems(entry)
+    if problems:
+        raise ValueError(f"ledger entry for {section}: {'; '.join(problems)}")
+    return _file(entry, root, suffix=f"-{section}")
+
+
 def load_ledger(root: Path = LEDGER_DIR) -> list[dict[str, Any]]:
     """Every entry, oldest first (by date, then file name)."""
     entries = []
@@ -55,7 +94,13 @@ def load_ledger(root: Path = LEDGER_DIR) -> list[dict[str, Any]]:
         e = json.loads(p.read_text())
         e["_file"] = p.name
         entries.append(e)
-    return sorted(entries, key=lambda e: (e["date"], e["_file"]))
+    return sorted(entries, key=_filed_order)
+
+
+def _filed_order(e: dict[str, Any]) -> tuple[str, str, int]:
+    """Date, then the order of filing: ``X.json`` before ``X-2.json`` before ``X-10.json``."""
+    m = re.fullmatch(r"(.*?)(?:-(\d+))?\.json", e["_file"])
+    return e["date"], m.group(1), int(m.group(2) or 1)
 
 
 def add_entry(path: Path, root: Path = LEDGER_DIR) -> Path:
@@ -64,10 +109,18 @@ def add_entry(path: Path, root: Path = LEDGER_DIR) -> Path:
     if len(text.encode()) > MAX_BYTES:
         raise ValueError(f"{path} is {len(text.encode())} bytes; the ledger takes entries up to {MAX_BYTES}")
     e = json.loads(text)
+    problems = entry_problems(e)
+    if problems:
+        raise ValueError(f"{path} is not a measured entry: {'; '.join(problems)}")
+    return _file(e, root)
+
+
+def _file(e: dict[str, Any], root: Path, suffix: str = "") -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    dest, n = root / f"{e['date']}-{e['machine']}.json", 2
-    while dest.exists():
-        dest, n = root / f"{e['date']}-{e['machine']}-{n}.json", n + 1
+    stem = f"{e['date']}-{e['machine']}{suffix}"
+    dest, n = root / f"{stem}.json", 2
+    while dest.exists():  # same day, machine and section again: kept beside, never overwritten
+        dest, n = root / f"{stem}-{n}.json", n + 1
     dest.write_text(json.dumps(e, indent=1) + "\n")
     return dest
 
@@ -84,10 +137,47 @@ def quickstart_markdown(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """A plain table of ``rows``: the first row's keys are the columns."""
+    cols = list(rows[0])
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+            *("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows)]
+
+
+def quickstart_entry(run_dir: Path) -> dict[str, Any]:
+    """The quickstart section from a finished run of recipes/quickstart.yaml (scripts/demo.sh)."""
+    def summary(stage: str) -> dict[str, Any]:
+        found = sorted(Path(run_dir).glob(f"*-{stage}/summary.json"))
+        if not found:
+            raise ValueError(f"{run_dir} has no finished {stage} stage")
+        return json.loads(found[0].read_text())
+
+    train, ev, export, bench = summary("train"), summary("eval"), summary("export"), summary("bench")
+    by_backend = {r["backend"]: r for r in bench["results"]}
+    row = {"model": train["model"], "params_m": round(train["params_m"], 3), "gmacs": round(train["gmacs"], 4),
+           "epochs": int(train["epochs"]), "train_time_s": round(train["train_time_s"], 1),
+           "train_img_per_s": round(train["train_img_per_s"]), "top1": round(ev["top1"], 2),
+           "bench_torch_img_s": round(by_backend["torch"]["img_per_s"]),
+           "bench_ort_img_s": round(by_backend["ort"]["img_per_s"])}
+    raw = {"bench_times_ms": {b: r["times_ms"] for b, r in by_backend.items()},
+           "bench_batch_size": bench["results"][0]["input_shape"][0], "eval": ev, "train": train,
+           "export_parity": export.get("parity")}
+    return {"status": "ok", "rows": [row], "raw": raw}
+
+
 def _markdown_of(section: str) -> Callable[[list[dict[str, Any]]], list[str]]:
     if section == "quickstart":
         return quickstart_markdown
-    return sections()[section].markdown
+    registered = sections()
+    return registered[section].markdown if section in registered else table_markdown
 
 
 def _measured(e: dict[str, Any], section: str) -> bool:
@@ -99,7 +189,9 @@ def _caption(e: dict[str, Any]) -> str:
     hw, v = e["environment"].get("hardware", {}), e["environment"].get("versions", {})
     where = hw["gpu"]["name"] if hw.get("gpu") else f"{hw.get('cpu', 'CPU')}, {hw.get('cpu_count')} cores"
     versions = "".join(f", {k} {v[k]}" for k in ("torch", "timm") if v.get(k))
-    return f"_{where}, {e['date']}{versions}: `{e['command']}`; source: {e['source']}_"
+    full = e["environment"].get("git_sha") or ""
+    sha = full[:7] + (" with uncommitted changes" if full.endswith("-dirty") else "")
+    return f"_{where}, {e['date']}{versions}, commit {sha or 'unknown'}: `{e['command']}`; source: {e['source']}_"
 
 
 def _status_block(entries: list[dict[str, Any]]) -> list[str]:
@@ -128,8 +220,14 @@ def render_block(name: str, entries: list[dict[str, Any]]) -> str:
     return "\n".join(out[:-1]) + "\n"
 
 
-def update_readme(text: str, entries: list[dict[str, Any]]) -> str:
+def update_page(text: str, entries: list[dict[str, Any]]) -> str:
+    """``text`` with every generated block rendered from ``entries``."""
     return BLOCK.sub(lambda m: m.group(1) + render_block(m.group("name"), entries) + m.group(4), text)
+
+
+def pages(roots: tuple[Path, ...] = PAGES) -> list[Path]:
+    """The markdown files that may hold generated blocks."""
+    return [p for r in roots for p in ([r] if r.is_file() else sorted(r.rglob("*.md")))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,23 +235,47 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("add", help="file a gpu_bench ledger.json into bench/results/")
     a.add_argument("file", type=Path)
-    r = sub.add_parser("readme", help="regenerate the README's ledger tables")
-    r.add_argument("--readme", type=Path, default=REPO / "README.md")
+    q = sub.add_parser("quickstart", help="file the figures of a finished quickstart run (scripts/demo.sh)")
+    q.add_argument("run_dir", type=Path)
+    q.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR)
+    r = sub.add_parser("render", help="regenerate the tables of the README and docs/ from the ledger")
+    r.add_argument("pages", nargs="*", type=Path, help="markdown files (default: README.md and docs/**/*.md)")
     r.add_argument("--check", action="store_true", help="exit 1 if a table disagrees with the ledger")
     args = p.parse_args(argv)
     if args.cmd == "add":
-        print(add_entry(args.file))
+        try:
+            print(add_entry(args.file))
+        except (OSError, ValueError) as e:
+            print(f"ledger: {e}", file=sys.stderr)
+            return 2
         return 0
-    text = args.readme.read_text()
-    new = update_readme(text, load_ledger())
-    if args.check:
-        if new != text:
+    if args.cmd == "quickstart":
+        try:
+            entry = make_entry("scripts/demo.sh", source="scripts/demo.sh (effvision.benchmarks.ledger quickstart)")
+            entry["sections"] = {"quickstart": quickstart_entry(args.run_dir)}
+            problems = entry_problems(entry)
+            if problems:
+                raise ValueError("; ".join(problems))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"ledger: {args.run_dir}: {e}", file=sys.stderr)
+            return 2
+        print(_file(entry, args.ledger_dir, suffix="-quickstart"))
+        return 0
+    entries, stale = load_ledger(), []
+    for page in args.pages or pages():
+        text = page.read_text()
+        new = update_page(text, entries)
+        if new == text:
+            continue
+        if args.check:
             names = [m.group("name") for m in BLOCK.finditer(text) if m.group(0) not in new]
-            print(f"ledger: README tables differ from bench/results: {', '.join(names)} "
-                  "(run python -m effvision.benchmarks.ledger readme)", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(new)
+            stale.append(f"{page.name} ({', '.join(names)})")
+        else:
+            page.write_text(new)
+    if stale:
+        print(f"ledger: tables differ from bench/results in {'; '.join(stale)} "
+              "(run python -m effvision.benchmarks.ledger render)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -39,7 +39,8 @@ from .budget import BudgetSpec, LatencyTable, _runner, latency_fraction
 from .importance import get_criterion
 from .prune import Batches, PruneSpec, kinds_of, prune_
 
-__all__ = ["Layer", "layers_of", "solve_knapsack", "layer_latencies", "layer_values", "allocate", "round_robin"]
+__all__ = ["Layer", "layers_of", "solve_knapsack", "layer_latencies", "layer_values", "allocate", "round_robin",
+           "round_robin_times"]
 
 HALP_KINDS = ("heads", "mlp")
 TOLERANCE = 0.03   # accept a measured fraction this far under the budget; closer is not worth more tries
@@ -121,16 +122,22 @@ def solve_knapsack(costs: Sequence[Sequence[float]], values: Sequence[Sequence[f
 
 # ---- the latency table of layer widths -------------------------------------------------------------
 
-def round_robin(runners: dict[str, Callable[[], object]], cycles: int,
-                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median seconds per call of each runner, called in turn ``cycles`` times (load hits all alike)."""
+def round_robin_times(runners: dict[str, Callable[[], object]], cycles: int,
+                      sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of every call of each runner, called in turn ``cycles`` times (load hits all alike)."""
     for fn in runners.values():
         time_calls(fn, 3, 1, sync)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(cycles):
         for k, fn in runners.items():
             times[k].append(time_calls(fn, 0, 1, sync)[0])
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def round_robin(runners: dict[str, Callable[[], object]], cycles: int,
+                sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median seconds per call of each runner (``round_robin_times``)."""
+    return {k: statistics.median(v) for k, v in round_robin_times(runners, cycles, sync).items()}
 
 
 def _variant(model: nn.Module, layer: Layer, width: int) -> nn.Module:
