@@ -1,4 +1,4 @@
-"""The notebook API (effvision.api): the README example runs as written, and each verb keeps the
+"""The notebook API (effvision.api): the Python API page's example runs as written, and each verb keeps the
 contracts of the recipe stages (saved dirs reload exactly, calibration as a forward loop)."""
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from effvision.errors import EffVisionError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_example_runs_as_written(tmp_path: Path) -> None:
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- api-example -->\n```python\n(.*?)```\n<!-- /api-example -->", text, re.S)
-    assert block, "README lost its api-example block"
+def test_python_api_page_example_runs_as_written(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "python-api.md").read_text()
+    block = re.search(r"<!-- example -->\n```python\n(.*?)```\n<!-- /example -->", text, re.S)
+    assert block, "docs/python-api.md lost its example block"
     script = tmp_path / "example.py"
     script.write_text(block.group(1))
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=1500)

@@ -53,6 +53,14 @@ def test_a_toy_technique_plugs_in_at_one_place(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "TemperedLinear", p.stderr[-2000:]
+    # the recipe docs/extending.md shows parses with the plugin installed (tests/test_docs.py leaves it here)
+    shown = re.search(r"```yaml\n(stages:.*?)```", (REPO / "docs" / "extending.md").read_text(), re.S).group(1)
+    code = ("import sys, yaml\nfrom effvision.recipe import parse_recipe\n"
+            "r = parse_recipe({'model': {'name': 'vit_micro_patch4_32'}, **yaml.safe_load(sys.stdin.read())})\n"
+            "print([s.type for s in r.stages])")
+    p = subprocess.run([sys.executable, "-c", code], input=shown, env={**os.environ, **env}, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "'temperature'" in p.stdout, p.stderr[-2000:]
     # the mode rules hold for it too: nothing may follow quantize, refused before any run directory exists
     bad = tiny_recipe(tmp_path / "bad.yaml", stages=[{"type": "quantize"}, {"type": "temperature"}])
     r = cli_process("run", str(bad), "--out", str(tmp_path / "bad"), env=env)
