@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -126,14 +127,22 @@ def _file(e: dict[str, Any], root: Path, suffix: str = "") -> Path:
 
 
 # ------------------------------------------------------------------------------------------ tables
-def quickstart_markdown(rows: list[dict[str, Any]]) -> list[str]:
-    """scripts/demo.sh's figures (a CPU run of recipes/quickstart.yaml)."""
+def quickstart_markdown(rows: list[dict[str, Any]], raw: dict[str, Any] | None = None) -> list[str]:
+    """scripts/demo.sh's figures (a CPU run of recipes/quickstart.yaml), with the spread of the bench
+    calls (10th-90th percentile latency) where the entry holds them."""
+    spread = ""
+    if raw and raw.get("bench_times_ms"):
+        def p10_p90(times: list[float]) -> str:
+            q = statistics.quantiles(times, n=10)
+            return f"{q[0]:.1f}-{q[-1]:.1f}"
+        t = raw["bench_times_ms"]
+        spread = f" ({p10_p90(t['torch'])} / {p10_p90(t['ort'])} ms per batch, p10-p90 of {len(t['ort'])} calls)"
     lines = ["| model | params | GMACs | epochs | training time | test top-1 | bench batch 32: torch / onnxruntime |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params_m']:.2f} M | {r['gmacs']:.3f} | {r['epochs']} | "
                      f"{r['train_time_s']:.0f} s ({r['train_img_per_s']:,.0f} img/s) | {r['top1']:.2f}% | "
-                     f"{r['bench_torch_img_s']:,.0f} / {r['bench_ort_img_s']:,.0f} img/s |")
+                     f"{r['bench_torch_img_s']:,.0f} / {r['bench_ort_img_s']:,.0f} img/s{spread} |")
     return lines
 
 
@@ -174,8 +183,6 @@ def quickstart_entry(run_dir: Path) -> dict[str, Any]:
 
 
 def _markdown_of(section: str) -> Callable[[list[dict[str, Any]]], list[str]]:
-    if section == "quickstart":
-        return quickstart_markdown
     registered = sections()
     return registered[section].markdown if section in registered else table_markdown
 
@@ -216,7 +223,10 @@ def render_block(name: str, entries: list[dict[str, Any]]) -> str:
     out = []
     for machine in sorted(latest):
         e = latest[machine]
-        out += [_caption(e), "", *_markdown_of(name)(e["sections"][name]["rows"]), ""]
+        section = e["sections"][name]
+        table = (quickstart_markdown(section["rows"], section.get("raw")) if name == "quickstart"
+                 else _markdown_of(name)(section["rows"]))
+        out += [_caption(e), "", *table, ""]
     return "\n".join(out[:-1]) + "\n"
 
 
