@@ -80,7 +80,7 @@ def test_record_files_a_figure_script_result_with_its_environment(tmp_path: Path
     e = json.loads(path.read_text())
     assert e["environment"]["git_sha"] and e["environment"]["versions"]["torch"] and e["machine"].startswith("cpu-")
     table = render_block("halp-vs-uniform", load_ledger(tmp_path))
-    assert "| variant | speedup |" in table and "| halp | 2 |" in table and "1.93" not in table  # the newer run only
+    assert "| variant | speedup |" in table and "| halp | 2.00 |" in table and "1.93" not in table  # the newer run only
     assert "`python scripts/halp_vs_uniform.py`" in table
 
 
