@@ -123,6 +123,27 @@ def time_round_robin(sessions: dict, batch: int, size: int, rounds: int) -> dict
     return times
 
 
+def plot(out: dict, agree: dict[str, dict[str, float]], path: Path) -> None:
+    """Accuracy against speed: each graph's top-1 agreement with PyTorch fp32 against its batch-32
+    img/s, ratios to the fastest fp32 graph beside the points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, a in agree.items():
+        b32 = out["batch 32"][k]
+        ax.scatter(b32["img_per_s"], 100 * a["top1_agreement"], color="#c44e52" if "int8" in k else "#4878d0")
+        ax.annotate(f"{k} ({b32['vs_fastest_fp32']:.2f}x)", (b32["img_per_s"], 100 * a["top1_agreement"]),
+                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("onnxruntime img/s, batch 32 (median of rounds)")
+    ax.set_ylabel("top-1 agreement with PyTorch fp32 (%)")
+    ax.set_title(f"{out['model']}, {out['threads']} threads: INT8 (red) and fp32 graphs")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="deit_tiny_patch16_224")
@@ -132,6 +153,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256, help="real images for agreement/SQNR (0: skip)")
     p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
     p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    p.add_argument("--plot", type=Path, help="write top-1 agreement against batch-32 img/s here (a .png)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     files, ref, spec = build(args, tmp)
@@ -160,6 +182,8 @@ def main() -> None:
                         "sqnr_db": round(float(10 * np.log10((logits ** 2).mean() / noise)), 1)}
         out[f"vs PyTorch fp32 on {len(x)} CIFAR-10 test images at {spec.img_size}px"] = agree
     print(json.dumps(out, indent=2))
+    if args.plot and agree:
+        plot(out, agree, args.plot)
     if not args.no_ledger:
         table = []
         for k in sessions:
