@@ -1,7 +1,7 @@
 """Composition by design: every ordered pair of modes on a small ViT either works (A then B,
 save, load in a fresh process with identical outputs, ONNX export with parity) or is refused by
 the mode rules before any work, and a recipe that asks for it is refused by preflight with the
-rule, before a run directory exists. The matrix this test checks is the one the README prints
+rule, before a run directory exists. The matrix this test checks is the one docs/composition.md prints
 (``python tests/test_composition.py`` prints it)."""
 from __future__ import annotations
 
@@ -193,14 +193,14 @@ def test_cli_refuses_an_impossible_order_before_any_run_directory(tmp_path: Path
                                 "stage")
 
 
-def test_readme_prints_this_matrix(composed) -> None:
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_composition_page_prints_this_matrix(composed) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "composition.md").read_text()
     block = text.split("<!-- composition-matrix -->\n", 1)[1].split("<!-- /composition-matrix -->", 1)[0]
-    assert block.strip() == matrix_markdown(composed[1]), "update the README's matrix: python tests/test_composition.py"
+    assert block.strip() == matrix_markdown(composed[1]), "update docs/composition.md's matrix: python tests/test_composition.py"
 
 
 def matrix_markdown(verdicts: dict[tuple[str, str], str]) -> str:
-    """The README's table: rows A (first), columns B (then)."""
+    """docs/composition.md's table: rows A (first), columns B (then)."""
     names = list(MODES)
     lines = ["| A, then B | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for a in names:
@@ -209,7 +209,7 @@ def matrix_markdown(verdicts: dict[tuple[str, str], str]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # print the README's matrix
+if __name__ == "__main__":  # print docs/composition.md's matrix
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
