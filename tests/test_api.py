@@ -52,7 +52,7 @@ def _micro() -> torch.nn.Module:
 
 
 def test_distill_follows_the_teacher() -> None:
-    """ev.distill as the README calls it (soft, alpha 0.5, T 2), with two different teachers: each
+    """ev.distill as docs/python-api.md calls it (soft, alpha 0.5, T 2), with two different teachers: each
     student ends closer (KL on the training images) to its own teacher than the other student is.
     A distillation that ignored the teacher would train the same student twice."""
     g = torch.Generator().manual_seed(0)
