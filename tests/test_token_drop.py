@@ -227,8 +227,8 @@ def test_token_drop_composes_with_galore_bf16_accumulation_distillation_and_comp
 
 
 def test_each_layer_draws_its_own_sorted_subset_in_one_forward() -> None:
-    """docs/data-efficient-training.md: the kept indices are drawn per sample and per layer and kept in their order. In one
-    training forward every dropping block processes exactly the kept count (seen from outside:
+    """docs/data-efficient-training.md: the kept indices are drawn per sample and per layer and kept
+    in their order. In one training forward every dropping block processes exactly the kept count (seen from outside:
     the tokens its output changed), the indices it gathers are sorted, and the layers' subsets
     differ and overlap as independent draws do (16 of 64 twice: 16 * 16 / 64 = 4 on average)."""
     torch.manual_seed(0)
