@@ -130,12 +130,13 @@ def plot(out: dict, agree: dict[str, dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, a in agree.items():
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    markers = "osD^v<>phX*"
+    for i, (k, a) in enumerate(agree.items()):  # one marker per graph, named in the legend (labels overlap)
         b32 = out["batch 32"][k]
-        ax.scatter(b32["img_per_s"], 100 * a["top1_agreement"], color="#c44e52" if "int8" in k else "#4878d0")
-        ax.annotate(f"{k} ({b32['vs_fastest_fp32']:.2f}x)", (b32["img_per_s"], 100 * a["top1_agreement"]),
-                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.scatter(b32["img_per_s"], 100 * a["top1_agreement"], marker=markers[i % len(markers)], s=45,
+                   color="#c44e52" if "int8" in k else "#4878d0", label=f"{k} ({b32['vs_fastest_fp32']:.2f}x)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlabel("onnxruntime img/s, batch 32 (median of rounds)")
     ax.set_ylabel("top-1 agreement with PyTorch fp32 (%)")
     ax.set_title(f"{out['model']}, {out['threads']} threads: INT8 (red) and fp32 graphs")
