@@ -1,6 +1,7 @@
 """Training-step benchmark for optimizers: ms/step, optimizer state and peak memory of one
-model on synthetic batches. Used by gpu_bench's "galore" section (CUDA) and for the CPU
-state-memory figures in the README (``python -m effvision.optim.bench``)."""
+model on synthetic batches. Used by gpu_bench's "galore" section (CUDA) and by the CPU
+state-memory figures of docs/galore.md (scripts/galore_memory.py, which files them in the ledger);
+``python -m effvision.optim.bench`` prints the same measurement as JSON."""
 from __future__ import annotations
 
 import argparse
