@@ -80,6 +80,11 @@ def test_distill_follows_the_teacher() -> None:
     for own, other in (("a", "b"), ("b", "a")):
         mine, theirs = kl(teachers[own], students[own]), kl(teachers[own], students[other])
         assert mine < 0.95 * theirs, (own, mine, theirs)
+    # a misspelt kind is refused by name (it used to train with hard labels), the student untouched
+    before = {k: v.clone() for k, v in students["a"].state_dict().items()}
+    with pytest.raises(ev.ConfigError, match="distill.kind: 'sofft' is not one of soft, hard, token"):
+        ev.distill(students["a"], teachers["a"], data, kind="sofft", epochs=1)
+    assert all(torch.equal(v, students["a"].state_dict()[k]) for k, v in before.items())
 
 
 def test_forward_loop_calibration_matches_batches() -> None:

@@ -16,6 +16,7 @@ optimizer sees it, and only the student is saved.
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +37,9 @@ class DistillSpec:
     feature_weight: float = 0.0  # > 0 adds feature distillation with a learned projection
 
     def validate(self, where: str) -> None:
+        kinds = typing.get_args(typing.get_type_hints(DistillSpec)["kind"])
+        if self.kind not in kinds:  # a recipe's parser checks the Literal; ev.distill(kind=...) does not
+            raise ConfigError(f"{where}.kind: {self.kind!r} is not one of {', '.join(kinds)}")
         if self.alpha < 0 or self.feature_weight < 0:
             raise ConfigError(f"{where}: alpha and feature_weight must be non-negative")
         if self.temperature <= 0:
