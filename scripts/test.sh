@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Two workers (pytest-xdist), one test file each at a time, one torch thread each (tests/conftest.py):
-# 15.4 min instead of 25.6 sequentially on this project's 2-core machine (README). EFFVISION_TEST_WORKERS=0: sequential.
+# 15.4 min instead of 25.6 sequentially on this project's 2-core machine (docs/getting-started.md). EFFVISION_TEST_WORKERS=0: sequential.
 exec .venv/bin/python -m pytest -q -ra -n "${EFFVISION_TEST_WORKERS:-2}" --dist loadfile --durations=15 tests "$@"
