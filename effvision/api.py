@@ -121,8 +121,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calib: Cali
             the model.
         val: (images, labels) batches, all used, on which top-1 is measured before and after
             (needed for the accuracy-budget fallback).
-        num_batches: How many batches of ``calib`` are used; sets ``config.calib_batches``
-            (on the given config object).
+        num_batches: How many batches of ``calib`` are used (instead of ``config.calib_batches``;
+            the given config object is not changed).
 
     Returns:
         The quantized module names, the calibration sample count and, with ``val``, the
@@ -135,9 +135,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calib: Cali
             earlier modes forbid quantizing (e.g. it is quantized already).
     """
     cfg = config or QuantConfig()
+    if num_batches is not None:  # a copy: the caller's config stays as given
+        cfg = dataclasses.replace(cfg, calib_batches=num_batches)
     cfg.validate("quantize config")
-    if num_batches is not None:
-        cfg.calib_batches = num_batches
     data: list[Batch] | Callable[[nn.Module], Any] = calib if callable(calib) else _batches(calib, cfg.calib_batches)
     return quantize_(model, cfg, data, _batches(val, 10**9) if val is not None else None)
 

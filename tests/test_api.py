@@ -135,3 +135,16 @@ def test_constructor_kwargs_that_cannot_be_inferred_are_asked_for(tmp_path: Path
         ev.save(model, tmp_path / "m")
     ev.save(model, tmp_path / "m", kwargs={"depth": 2})
     assert len(ev.load(tmp_path / "m").blocks) == 2
+
+
+def test_quantize_num_batches_leaves_the_config_alone() -> None:
+    """num_batches limits calibration without changing the caller's config, and a bad count is a
+    ConfigError before anything is quantized (it was written into the config after the check)."""
+    data = [(torch.randn(16, 3, 32, 32), torch.zeros(16, dtype=torch.long)) for _ in range(3)]
+    cfg = ev.QuantConfig(target="ort-cpu")
+    report = ev.quantize(_micro(), cfg, calib=data, num_batches=2)
+    assert report.calib_samples == 32 and cfg.calib_batches == 8  # two batches used; the default kept
+    model = _micro()
+    with pytest.raises(ev.ConfigError, match="calib_batches: at least 1"):
+        ev.quantize(model, cfg, calib=data, num_batches=0)
+    assert ev.spec_of(model).modes == []  # nothing quantized
