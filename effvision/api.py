@@ -40,7 +40,7 @@ from .engine.extensions import TrainSetup
 from .engine.fit import fit
 from .engine.loggers import LogConfig
 from .engine.optim import OptimizerConfig
-from .errors import EffVisionError
+from .errors import ConfigError, EffVisionError
 from .models.io import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_model, save_model, spec_of_model
 from .models.modes import RECORD_ATTR, record_of
 
@@ -344,16 +344,26 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, format: str = "o
         A summary of the export: the ONNX file's path, the model and the parity check.
 
     Raises:
+        ConfigError: If an ``onnx`` key is unknown or of the wrong type, the opset is out of
+            range, or ``dynamic_hw`` is asked of a quantized model.
         EffVisionError: If ``model_dir`` holds no model, the format is unknown, ``out_dir``
             holds an export already or is in use, or the parity check fails.
     """
     from effvision.export.model_dir import export_model_dir
-    from effvision.export.onnx import OnnxExportConfig
+    from effvision.export.onnx import MAX_OPSET, MIN_OPSET, OnnxExportConfig
+
+    from .config import parse
+    from .models.io import read_spec
 
     if not (Path(model_dir) / SPEC_FILE).is_file() or not (Path(model_dir) / WEIGHTS_FILE).is_file():
         raise EffVisionError(f"no model in {model_dir}: save it first with effvision.save(model, DIR)")
+    cfg = parse(OnnxExportConfig, onnx, "export_model")  # unknown keys and wrong types: one ConfigError
+    if not MIN_OPSET <= cfg.opset <= MAX_OPSET:
+        raise ConfigError(f"export_model.opset: {cfg.opset} is outside {MIN_OPSET}..{MAX_OPSET}")
+    if cfg.dynamic_hw and any(m["mode"] == "quantize" for m in read_spec(model_dir).modes):
+        raise ConfigError("export_model.dynamic_hw: a quantized model exports at its input size")
     with DirLock(out_dir):
-        return export_model_dir(model_dir, out_dir, OnnxExportConfig(**onnx), format)
+        return export_model_dir(model_dir, out_dir, cfg, format)
 
 
 def _batches(data: Iterable[Any], limit: int) -> list[Batch]:

@@ -148,3 +148,21 @@ def test_quantize_num_batches_leaves_the_config_alone() -> None:
     with pytest.raises(ev.ConfigError, match="calib_batches: at least 1"):
         ev.quantize(model, cfg, calib=data, num_batches=0)
     assert ev.spec_of(model).modes == []  # nothing quantized
+
+
+def test_export_model_refuses_bad_options_before_writing(tmp_path: Path) -> None:
+    """A misspelt or ill-typed ONNX option, an opset out of range, and dynamic H/W on a quantized
+    model are ConfigErrors naming the option, and no output folder is made (a typo used to raise a
+    bare TypeError; dynamic_hw was ignored for quantized models)."""
+    ev.save(_micro(), tmp_path / "fp32")
+    quantized = _micro()
+    ev.quantize(quantized, ev.QuantConfig(target="ort-cpu"), calib=[torch.randn(16, 3, 32, 32)] * 2)
+    ev.save(quantized, tmp_path / "int8")
+    for model_dir, options, message in [
+            ("fp32", {"opest": 18}, "unknown key 'export_model.opest'; did you mean 'opset'"),
+            ("fp32", {"atol": "tight"}, "export_model.atol"),
+            ("fp32", {"opset": 7}, "export_model.opset: 7 is outside"),
+            ("int8", {"dynamic_hw": True}, "export_model.dynamic_hw: a quantized model")]:
+        with pytest.raises(ev.ConfigError, match=re.escape(message)):
+            ev.export_model(tmp_path / model_dir, tmp_path / "out", **options)
+        assert not (tmp_path / "out").exists()
