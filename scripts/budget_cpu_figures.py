@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 
 TOKEN_DROP = {"start_tokens": 16, "buckets": 4}                         # all tokens from half the budget on
 RESOLUTION = {"metric": "resolution", "start": 0.5, "pacing": "linear"}  # 32 px from half the budget on
@@ -57,8 +57,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/budget_cpu")
     p.add_argument("--budgets", type=float, nargs="+", default=[60.0])
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.compress import PruneSpec, prune_
 from effvision.engine.evaluate import evaluate
 from effvision.models.io import load_model
@@ -34,8 +34,7 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of heads, MLP units and width removed")
     p.add_argument("--criteria", default="random,l1,l2,taylor,obd")
     p.add_argument("--calib-batches", type=int, default=4)
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="Unwrapped parameters")
     run = Path(args.run_dir)

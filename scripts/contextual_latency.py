@@ -13,12 +13,11 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 
 import timm
 import torch
 
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.dynamic import ContextualConfig, contextual_sparsity_
 from effvision.dynamic.contextual import contextual_macs
 from effvision.dynamic.contextual_bench import dense_vs_sparse
@@ -32,8 +31,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []

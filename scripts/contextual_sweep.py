@@ -19,7 +19,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.dynamic import ContextualConfig, contextual_sparsity_, set_contextual_mode_
 from effvision.dynamic.contextual import contextual_macs
 from effvision.dynamic.contextual_train import predictor_recall
@@ -41,8 +41,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--out", default="runs/contextual_sweep")
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

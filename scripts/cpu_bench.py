@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,8 +182,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit-train", type=int, default=None, help="use only N training images (smoke runs)")
     p.add_argument("--limit-eval", type=int, default=None)
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"cpu_bench: CIFAR-10 not found at {args.data} (--data; ../shared/datasets/README.md)")

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.engine.optim import OptimizerConfig
 from effvision.optim.bench import bench_optimizer
 
@@ -26,8 +25,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=1, help="timed steps per optimizer (after one warm-up step)")
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     results: list[dict[str, Any]] = []
     for cfg in (OptimizerConfig(name="adamw", lr=1e-3),

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.compress.budget import BudgetSpec, _runner
 from effvision.compress.halp import round_robin_times
 from effvision.models.io import load_model
@@ -77,8 +77,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma list of variants to run now, e.g. halp-0.55 (default: all)")
     p.add_argument("--cycles", type=int, default=60, help="round-robin cycles of the final timing")
     p.add_argument("--skip-timing", action="store_true")
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     run, out = Path(args.run_dir), Path(args.out)
     variants = [(float(b), a) for b in args.budgets.split(",") for a in ("uniform", "halp")]

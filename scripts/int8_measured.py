@@ -16,12 +16,11 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
 import effvision.models  # noqa: F401  (registers effvision's models)
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.runinfo import cpu_name
 from effvision.compress.quantize import QuantConfig, quantize_
 from effvision.compress.quantize.measured import measure_int8_layers_
@@ -47,8 +46,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-wins", type=float, default=0.8)
     p.add_argument("--json")
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     runs = [one_run(args) for _ in range(args.runs)]
     print(f"{args.model}, batch {args.batch_size}, {args.rounds} rounds, min wins {args.min_wins}, {cpu_name()}, "

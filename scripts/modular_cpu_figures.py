@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 
 TRAINING = ("train", "meta", "incubate", "finetune")
 
@@ -99,8 +99,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/modular_cpu")
     p.add_argument("--only", choices=sorted(FIGURES), help="one figure (default: both)")
     p.add_argument("--variant", action="append", default=[], help="only runs whose label contains this (repeatable)")
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import timm
 import torch
 
 import effvision  # noqa: F401
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.runinfo import cpu_name
 from effvision.compress.quantize import QuantConfig, quantize_
 from effvision.export import OnnxExportConfig, export_model_dir
@@ -55,8 +55,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=30, help="timed calls per runner (alternating)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the rows here")
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     rows, timings = [], []
     for name in args.models:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from effvision.bench import resolve_target, roundrobin
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.export import OnnxExportConfig, export_onnx
 from effvision.models.io import load_model
 
@@ -41,8 +41,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     workdir = tempfile.TemporaryDirectory()
     files = {t: as_onnx(t, Path(workdir.name)) for t in args.targets}

@@ -35,7 +35,7 @@ import timm
 import torch
 
 import effvision.models  # noqa: F401
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.compress.quantize import QuantConfig, quantize_
 from effvision.export import DeployConfig, OnnxExportConfig, export_deployable, export_onnx
 from effvision.models.io import ModelSpec, load_model, save_model
@@ -152,8 +152,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=256, help="real images for agreement/SQNR (0: skip)")
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     p.add_argument("--plot", type=Path, help="write top-1 agreement against batch-32 img/s here (a .png)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())

@@ -19,7 +19,7 @@ import matplotlib
 import torch
 
 from effvision.attention import SparseAttentionConfig, density_report, sparsify_attention_
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.engine.evaluate import evaluate
 from effvision.models.io import load_model
 from effvision.recipe import load_recipe
@@ -36,8 +36,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--out", default="runs/sparse_attention_density")
-    ap.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    ap.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(ap)
     a = ap.parse_args()
     cpu = torch.device("cpu")
     loaders = build_recipe_loaders(load_recipe(a.recipe), cpu)

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from effvision.attention import SparseAttentionConfig, density_report
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.data.coco import CocoDataConfig, coco_samples
 from effvision.detection.evaluate import evaluate_coco
 from effvision.detection.io import load_detector
@@ -65,8 +65,7 @@ def main() -> None:
                     help="kept attention mass per variant (1.0: dense)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("runs/sparse_attention_detection"))
-    ap.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    ap.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(ap)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)

@@ -26,7 +26,7 @@ import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
 from effvision.attention import apply_policies, model_grid
 from effvision.attention.export import BlockGatherAttention
 from effvision.bench import time_calls
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.export import OnnxExportConfig, check_parity, export_onnx
 from effvision.models.io import ModelSpec, create_model
 
@@ -41,8 +41,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
     shape, cfg = (3, args.img_size, args.img_size), OnnxExportConfig(parity_batch_sizes=[1, 2])

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from effvision.bench import roundrobin, time_calls
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.dynamic import TokenReduceConfig, reduce_tokens_
 from effvision.engine.evaluate import evaluate
 from effvision.export import OnnxExportConfig, export_onnx
@@ -92,8 +92,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/token_reduction_curve")
-    ap.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    ap.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(ap)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))

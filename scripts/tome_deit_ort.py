@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from effvision.bench import time_calls
-from effvision.benchmarks.ledger import LEDGER_DIR, record
+from effvision.benchmarks.ledger import add_arguments, record
 from effvision.dynamic import TokenReduceConfig, reduce_tokens_
 from effvision.export import OnnxExportConfig, check_parity, export_onnx
 
@@ -33,8 +33,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
-    p.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
+    add_arguments(p)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
     shape, cfg = (3, 224, 224), OnnxExportConfig(parity_batch_sizes=[1, 2])

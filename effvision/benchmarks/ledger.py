@@ -22,13 +22,13 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .registry import sections
 
-__all__ = ["LEDGER_DIR", "PAGES", "machine_kind", "make_entry", "entry_problems", "record", "load_ledger", "add_entry",
+__all__ = ["LEDGER_DIR", "PAGES", "machine_kind", "make_entry", "entry_problems", "record", "add_arguments",
+           "load_ledger", "add_entry",
            "render_block", "update_page", "pages", "table_markdown", "quickstart_markdown"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,6 +86,12 @@ def record(section: str, rows: list[dict[str, Any]], raw: Any, command: str, sou
     if problems:
         raise ValueError(f"ledger entry for {section}: {'; '.join(problems)}")
     return _file(entry, root, suffix=f"-{section}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every figure script takes: where its entry goes, or none at all."""
+    parser.add_argument("--ledger-dir", type=Path, default=LEDGER_DIR, help="the results ledger (default: bench/results/)")
+    parser.add_argument("--no-ledger", action="store_true", help="print only; file no ledger entry")
 
 
 def load_ledger(root: Path = LEDGER_DIR) -> list[dict[str, Any]]:
@@ -161,8 +167,9 @@ def table_markdown(rows: list[dict[str, Any]]) -> list[str]:
             *("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows)]
 
 
-def quickstart_entry(run_dir: Path) -> dict[str, Any]:
-    """The quickstart section from a finished run of recipes/quickstart.yaml (scripts/demo.sh)."""
+def quickstart_entry(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The quickstart section's rows and raw numbers from a finished run of recipes/quickstart.yaml
+    (scripts/demo.sh)."""
     def summary(stage: str) -> dict[str, Any]:
         found = sorted(Path(run_dir).glob(f"*-{stage}/summary.json"))
         if not found:
@@ -179,12 +186,16 @@ def quickstart_entry(run_dir: Path) -> dict[str, Any]:
     raw = {"bench_times_ms": {b: r["times_ms"] for b, r in by_backend.items()},
            "bench_batch_size": bench["results"][0]["input_shape"][0], "eval": ev, "train": train,
            "export_parity": export.get("parity")}
-    return {"status": "ok", "rows": [row], "raw": raw}
+    return [row], raw
 
 
-def _markdown_of(section: str) -> Callable[[list[dict[str, Any]]], list[str]]:
+def _table(name: str, section: dict[str, Any]) -> list[str]:
+    """A section's table: demo.sh's own (with the spread from its raw times), a gpu_bench section's
+    markdown function, else a plain table of the rows."""
+    if name == "quickstart":
+        return quickstart_markdown(section["rows"], section.get("raw"))
     registered = sections()
-    return registered[section].markdown if section in registered else table_markdown
+    return (registered[name].markdown if name in registered else table_markdown)(section["rows"])
 
 
 def _measured(e: dict[str, Any], section: str) -> bool:
@@ -223,10 +234,7 @@ def render_block(name: str, entries: list[dict[str, Any]]) -> str:
     out = []
     for machine in sorted(latest):
         e = latest[machine]
-        section = e["sections"][name]
-        table = (quickstart_markdown(section["rows"], section.get("raw")) if name == "quickstart"
-                 else _markdown_of(name)(section["rows"]))
-        out += [_caption(e), "", *table, ""]
+        out += [_caption(e), "", *_table(name, e["sections"][name]), ""]
     return "\n".join(out[:-1]) + "\n"
 
 
@@ -261,15 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "quickstart":
         try:
-            entry = make_entry("scripts/demo.sh", source="scripts/demo.sh (effvision.benchmarks.ledger quickstart)")
-            entry["sections"] = {"quickstart": quickstart_entry(args.run_dir)}
-            problems = entry_problems(entry)
-            if problems:
-                raise ValueError("; ".join(problems))
+            rows, raw = quickstart_entry(args.run_dir)
+            print(record("quickstart", rows, raw, "scripts/demo.sh",
+                         "scripts/demo.sh (effvision.benchmarks.ledger quickstart)", args.ledger_dir))
         except (OSError, ValueError, KeyError) as e:
             print(f"ledger: {args.run_dir}: {e}", file=sys.stderr)
             return 2
-        print(_file(entry, args.ledger_dir, suffix="-quickstart"))
         return 0
     entries, stale = load_ledger(), []
     for page in args.pages or pages():
