@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import enum
 import inspect
 import io
 import tokenize
@@ -97,8 +96,6 @@ def _default_str(f: dataclasses.Field) -> str:
         return "(required)"
     else:
         value = f.default
-    if isinstance(value, enum.Enum):
-        value = value.value
     if value is None:
         return "null"
     if isinstance(value, bool):
