@@ -40,6 +40,9 @@ def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
             raise EffVisionError(f"ONNX file not found: {path}")
         return "onnx", None, path
     if path.is_dir():
+        exported = _exported_onnx(path)
+        if exported is not None:
+            return "onnx", None, exported
         if (path / SPEC_FILE).is_file():
             return "model_dir", path, None
         from .engine.stage import stage_dirs
@@ -61,6 +64,29 @@ def resolve_target(target: str) -> tuple[str, Path | None, Path | None]:
     close = similar_model_names(str(target))
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise EffVisionError(f"benchmark target '{target}' is neither a timm model, a model/run dir nor an .onnx file{hint}")
+
+
+def _exported_onnx(folder: Path) -> Path | None:
+    """The one .onnx file an export folder's manifest lists (an exported detector, say), else None."""
+    import json
+
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return None
+    files = [f for f in json.loads(manifest.read_text()).get("files", {}) if f.endswith(".onnx")]
+    return folder / files[0] if len(files) == 1 else None
+
+
+def _manifest_size(onnx_path: Path) -> tuple[int, int] | None:
+    """(H, W) an export's manifest names for a graph with free image sides (a whole detector
+    resizes any image to it in the graph)."""
+    import json
+
+    manifest = onnx_path.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    size = json.loads(manifest.read_text()).get("size")
+    return (int(size[0]), int(size[1])) if isinstance(size, list) and len(size) == 2 else None
 
 
 def _first_line(e: BaseException) -> str:
@@ -241,7 +267,10 @@ def _bench_ort(target: str, kind: str, model_dir: Path | None, onnx_path: Path |
     inp = inputs[0]
     dims = inp.shape[1:]
     if not all(isinstance(d, int) for d in dims):
-        raise EffVisionError(f"{onnx_path}: input {inp.name} has non-static image dims {dims}")
+        size = (img_size, img_size) if img_size else _manifest_size(onnx_path)
+        if len(dims) != 3 or not isinstance(dims[0], int) or size is None:
+            raise EffVisionError(f"{onnx_path}: input {inp.name} has non-static image dims {dims} (give --img-size)")
+        dims = [dims[0], *size]
     if isinstance(inp.shape[0], int) and inp.shape[0] != batch_size:
         raise EffVisionError(f"{onnx_path} has a static batch of {inp.shape[0]}; bench it with --batch-size "
                              f"{inp.shape[0]} or export with a dynamic batch")

@@ -92,11 +92,16 @@ def _newest_model_dir(run_dir: Path) -> Path:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .detection.commands import evaluate_target, exported_detector_file, newest_detector_dir
     from .pipeline import load_run_recipe
     from .engine.stage import resolve_device
     from .stages.evaluate import evaluate_model_dir
 
     run_dir = Path(args.run_dir)
+    if exported_detector_file(run_dir) is not None or newest_detector_dir(run_dir) is not None:
+        print(json.dumps(evaluate_target(run_dir, args.data, args.runtime, args.batch_size, args.limit_images),
+                         indent=2))
+        return 0
     recipe = load_run_recipe(run_dir)
     metrics = evaluate_model_dir(_newest_model_dir(run_dir), recipe, resolve_device(args.device), args.tta_flip)
     print(json.dumps(metrics, indent=2))
@@ -106,10 +111,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from effvision.export import OnnxExportConfig, export_model_dir
 
+    from .detection.commands import newest_detector_dir
     from .dirlock import DirLock
     from .models.io import read_spec
 
     src = Path(args.run_dir)
+    detector_dir = newest_detector_dir(src)
+    if detector_dir is not None:
+        return _export_detector(detector_dir, args)
+    if args.precision == "int8" or _detector_options(args):
+        raise EffVisionError(f"{src} holds no detector: --precision int8, --size, --score-thresh, --nms-iou, "
+                             f"--max-detections and --data are for detectors (quantize a classifier with "
+                             f"`effvision quantize`)")
     model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
     out = Path(args.out) if args.out else src / f"export-{args.format}-opset{args.opset}"
     deploy = (args.format == "tensorrt" or args.precision != "auto" or args.target is not None
@@ -126,6 +139,42 @@ def _cmd_export(args: argparse.Namespace) -> int:
             cfg = OnnxExportConfig(opset=args.opset, dynamic_batch=not args.static_batch, atol=args.atol,
                                    dynamic_hw=args.dynamic_hw)
             result = export_model_dir(model_dir, out, cfg, args.format)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _detector_options(args: argparse.Namespace) -> list[str]:
+    return [name for name in ("size", "score_thresh", "nms_iou", "max_detections", "data")
+            if getattr(args, name) is not None]
+
+
+def _export_detector(detector_dir: Path, args: argparse.Namespace) -> int:
+    """A detector exports whole (image -> boxes, NMS in the graph), with the stage's checks."""
+    from .detection.stages import ExportDetectionConfig, export_whole_detector
+    from .dirlock import DirLock
+
+    if args.target is not None or args.dynamic_hw or args.static_batch or args.ort_optimize or args.precision == "fp16":
+        raise EffVisionError("a detector exports with --format, --precision fp32/int8, --size, --score-thresh, "
+                             "--nms-iou, --max-detections and --data; --target, --dynamic-hw, --static-batch, "
+                             "--ort-optimize and fp16 are for classifiers")
+    size = None
+    if args.size is not None:
+        try:
+            size = [int(v) for v in args.size.split(",")]
+        except ValueError:
+            size = []
+        if len(size) != 2:
+            raise EffVisionError(f"--size takes H,W (two integers), got '{args.size}'")
+    from .data.coco import CocoDataConfig
+
+    cfg = ExportDetectionConfig(format=args.format, precision="fp32" if args.precision == "auto" else args.precision,
+                                size=size, opset=args.opset, score_thresh=args.score_thresh, nms_iou=args.nms_iou,
+                                max_detections=args.max_detections,
+                                data=CocoDataConfig(root=args.data) if args.data else None)
+    cfg.validate("export")
+    out = Path(args.out) if args.out else detector_dir.parent / f"export-detector-{args.format}-{cfg.precision}"
+    with DirLock(out):
+        result = export_whole_detector(detector_dir, out, cfg)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -228,7 +277,9 @@ examples:
   effvision check recipes/quickstart.yaml --steps 40""",
     "eval": """examples:
   effvision eval runs/quick
-  effvision eval runs/quick --tta-flip""",
+  effvision eval runs/quick --tta-flip
+  effvision eval runs/det/03-export_detection --data ../shared/datasets/coco128     # exported detector, onnxruntime
+  effvision eval runs/det/03-export_detection --data ../shared/datasets/coco128 --runtime openvino""",
     "export": """formats: onnx (fp32, parity-checked in onnxruntime; QDQ int8/fp8 for a quantized model),
   tensorrt (ONNX for TensorRT plus an engine when tensorrt imports, else build_engine.sh)
 examples:
@@ -236,11 +287,14 @@ examples:
   effvision export runs/quick --format tensorrt --profile 1,8,32
   effvision export runs/quick --target tensorrt --trt-check parser  # TensorRT's own parser (needs tensorrt)
   effvision export runs/quick/03-quantize/model --target ort-cpu
-  effvision export runs/quick --format openvino              # + model.xml/.bin, parity vs onnxruntime""",
+  effvision export runs/quick --format openvino              # + model.xml/.bin, parity vs onnxruntime
+  effvision export runs/det --data ../shared/datasets/coco128        # a detector: whole, NMS in the graph
+  effvision export runs/det --precision int8 --data ../shared/datasets/coco128 --format tensorrt""",
     "bench": """examples:
   effvision bench deit_tiny_patch16_224 --backend torch ort --batch-size 32
   effvision bench runs/quick --backend ort ort-int8 --json bench.json
   effvision bench model.onnx --backend ort --batch-size 1
+  effvision bench runs/det/03-export_detection --backend ort openvino --batch-size 1   # an exported detector
   effvision bench runs/quick --backend ort trt --batch-size 32   # trt: needs tensorrt and a GPU""",
     "push": """examples:
   effvision push runs/quick --repo alice/vit-micro-digits             # needs HF_TOKEN or `hf auth login`
@@ -297,14 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="a run directory made by `effvision run`")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to evaluate")
     e.add_argument("--tta-flip", action="store_true", help="average with the horizontally flipped images")
+    e.add_argument("--data", help="detectors: the COCO folder to evaluate on (images/, annotations/instances.json)")
+    e.add_argument("--runtime", default="ort", choices=["ort", "openvino"],
+                   help="an exported detector: run it in onnxruntime or OpenVINO (its model.xml)")
+    e.add_argument("--batch-size", type=int, default=4, help="detectors: images per batch")
+    e.add_argument("--limit-images", type=int, help="detectors: only the first N images")
     e.set_defaults(fn=_cmd_eval)
 
     x = _sub(sub, "export", "export a run's newest model (or a model dir)")
-    x.add_argument("run_dir", help="a run directory (its newest model) or a model directory")
+    x.add_argument("run_dir", help="a run directory (its newest model or detector), a model directory or a "
+                                   "detector directory (exported whole: image -> boxes, NMS in the graph)")
     x.add_argument("--format", default="onnx", choices=list(EXPORT_FORMATS),
                    help="; ".join(f"{k}: {v}" for k, v in EXPORT_FORMATS.items()))
-    x.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
-                   help="auto: the model's own (int8/fp8 QDQ when quantized, else fp32)")
+    x.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"],
+                   help="auto: the model's own (int8/fp8 QDQ when quantized, else fp32); int8: a detector's static "
+                        "QDQ, calibrated on --data")
     x.add_argument("--target", choices=["tensorrt", "jetpack5", "ort-cpu"],
                    help="runtime the graph is for (default: the quantized model's, else tensorrt)")
     x.add_argument("--profile", default="1,8,32", help="TensorRT batch profile MIN,OPT,MAX")
@@ -320,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dynamic-hw", action="store_true",
                    help="height and width dynamic too (multiples of 32; CNNs, ViTs built with dynamic_img_size)")
     x.add_argument("--atol", type=float, default=1e-4, help="max abs error allowed vs PyTorch (fp32)")
+    x.add_argument("--size", help="detectors: H,W the backbone sees (default: its fixed size, else min_size square)")
+    x.add_argument("--score-thresh", type=float, help="detectors: keep scores above this (default: the detector's)")
+    x.add_argument("--nms-iou", type=float, help="detectors: NMS IoU threshold in (0, 1) (default: the detector's)")
+    x.add_argument("--max-detections", type=int, help="detectors: detections per image, padded (default: 100)")
+    x.add_argument("--data", help="detectors: COCO folder for parity images, int8 calibration and the mAP check")
     x.set_defaults(fn=_cmd_export)
 
     b = _sub(sub, "bench", "inference throughput and latency")

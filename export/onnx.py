@@ -61,27 +61,21 @@ def _gelu_onnx(x, approximate: str = "none"):
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], cfg: OnnxExportConfig,
-                output_names: list[str] | None = None, translations: dict | None = None) -> Path:
+                output_names: list[str] | None = None, translations: dict | None = None,
+                input_name: str = "input", dims: dict[int, Any] | None = None) -> Path:
     """Write ``model`` (eval mode, fp32, CPU) to ``path``; the batch axis is dynamic if asked.
     A model with several outputs (a tuple) names each in ``output_names``. Custom ops translate
     by the registered translations (``export.hooks``: effvision::qdq -> QuantizeLinear/
-    DequantizeLinear) and ``translations``."""
+    DequantizeLinear) and ``translations``. ``dims`` replaces the dynamic axes the config asks for
+    (axis -> torch.export.Dim), for inputs whose sizes are free in other ways."""
     from .hooks import onnx_translations
 
     if not MIN_OPSET <= cfg.opset <= MAX_OPSET:
         raise EffVisionError(f"opset {cfg.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
     path = Path(path)
     model = model.eval().float().cpu()
-    example = torch.randn(2 if cfg.dynamic_batch else 1, *input_shape)  # batch 1 is what a static graph takes
-    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)} if cfg.dynamic_batch else {}
-    if cfg.dynamic_hw:
-        m = cfg.hw_multiple
-        if input_shape[1] % m or input_shape[2] % m:
-            raise EffVisionError(f"dynamic height/width: the export size {input_shape[1]}x{input_shape[2]} is not a "
-                                 f"multiple of {m}")
-        # Sizes stay multiples of the backbone's stride: H = m * h (torch.export derived dims).
-        dims[2] = m * torch.export.Dim("height_blocks", min=1, max=8192 // m)
-        dims[3] = m * torch.export.Dim("width_blocks", min=1, max=8192 // m)
+    dims = dims if dims is not None else _dims(cfg, input_shape)
+    example = torch.randn(2 if 0 in dims else 1, *input_shape)  # batch 1 is what a static graph takes
     dynamic = (dims,) if dims else None
     log = io.StringIO()
     # The exporter prints progress to stdout; keep the CLI's output to what the user asked for.
@@ -89,7 +83,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=cfg.opset,
-                                        input_names=["input"], output_names=output_names or ["logits"],
+                                        input_names=[input_name], output_names=output_names or ["logits"],
                                         dynamic_shapes=dynamic, external_data=False, verbose=False,
                                         custom_translation_table={torch.ops.aten.gelu.default: _gelu_onnx,
                                                                   **onnx_translations(cfg.opset),
@@ -105,6 +99,19 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
     program.save(str(tmp))
     tmp.replace(path)
     return path
+
+
+def _dims(cfg: OnnxExportConfig, input_shape: tuple[int, int, int]) -> dict[int, Any]:
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)} if cfg.dynamic_batch else {}
+    if cfg.dynamic_hw:
+        m = cfg.hw_multiple
+        if input_shape[1] % m or input_shape[2] % m:
+            raise EffVisionError(f"dynamic height/width: the export size {input_shape[1]}x{input_shape[2]} is not a "
+                                 f"multiple of {m}")
+        # Sizes stay multiples of the backbone's stride: H = m * h (torch.export derived dims).
+        dims[2] = m * torch.export.Dim("height_blocks", min=1, max=8192 // m)
+        dims[3] = m * torch.export.Dim("width_blocks", min=1, max=8192 // m)
+    return dims
 
 
 def check_parity(model: nn.Module, onnx_path: str | Path, input_shape: tuple[int, int, int],

@@ -109,6 +109,7 @@ def backbone(source: str | Path | nn.Module, *, out_channels: int = 256, kwargs:
         spec = spec or ModelSpec(name=type(source).__name__, num_classes=0)
     else:
         model, spec = load_trunk(source, kwargs, pretrained)
+    _refuse_modes(model, spec)
     info = getattr(model, "feature_info", None)
     if not info or not hasattr(model, "forward_intermediates"):
         raise EffVisionError(f"model {spec.name} has no feature info (timm feature_info and forward_intermediates); "
@@ -139,6 +140,24 @@ def backbone(source: str | Path | nn.Module, *, out_channels: int = 256, kwargs:
     body.train()
     return DetectionBackbone(body, neck, out_channels, out_strides + [2 * out_strides[-1]],
                              divisor, fixed, spec, plain)
+
+
+# What a detection backbone cannot carry over from a classifier's record, and why.
+_NOT_IN_DETECTORS = {
+    "reduce_tokens": "token merging/pruning (ToMe, EViT) drops tokens block by block, and the detector's pyramid "
+                     "is built from the full token grid",
+    "early_exit": "its exits end a classifier at an intermediate block; the detector reads the trunk's maps",
+}
+
+
+def _refuse_modes(model: nn.Module, spec: ModelSpec) -> None:
+    from ..models.modes import RECORD_ATTR, record_of
+
+    modes = [e["mode"] for e in (record_of(model) if hasattr(model, RECORD_ATTR) else spec.modes)]
+    for mode in modes:
+        if mode in _NOT_IN_DETECTORS:
+            raise EffVisionError(f"model {spec.name} went through {mode}, which a detection backbone cannot keep: "
+                                 f"{_NOT_IN_DETECTORS[mode]} (use the model from before that stage)")
 
 
 def _prune(model: nn.Module, indices: list[int]) -> list[int]:

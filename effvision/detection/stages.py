@@ -1,6 +1,6 @@
 """Detection stages: train_detection (a torchvision detector over the recipe's or the previous
 stage's backbone, on COCO-format data), eval_detection (COCO mAP), export_detection
-(backbone + neck to ONNX); and the ``detector`` variant of the sparse_attention stage (the
+(the whole detector, or its backbone + neck, to ONNX); and the ``detector`` variant of the sparse_attention stage (the
 newest detector's ViT backbone sparsified, COCO mAP before and after)."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..errors import ConfigError, EffVisionError
 from ..io import atomic_write_text
 
 __all__ = ["TrainDetectionConfig", "TrainDetectionStage", "EvalDetectionConfig", "EvalDetectionStage",
-           "ExportDetectionConfig", "ExportDetectionStage", "sparse_attention_on_detector", "previous_detector_dir"]
+           "ExportDetectionConfig", "ExportDetectionStage", "export_whole_detector", "sparse_attention_on_detector", "previous_detector_dir"]
 
 
 @dataclass
@@ -162,29 +162,105 @@ class EvalDetectionStage(Stage):
 
 @dataclass
 class ExportDetectionConfig:
-    """The ``export_detection`` stage: the newest detector's backbone and neck to ONNX, parity-checked."""
+    """The ``export_detection`` stage: the newest detector to ONNX, parity-checked. ``part:
+    detector`` (RetinaNet, FCOS): the whole detector, image -> boxes, scores, labels, count with
+    NMS in the graph; ``part: backbone``: backbone + neck only (any detector)."""
 
     type: str = "export_detection"
+    part: Literal["detector", "backbone"] = "detector"
+    format: Literal["onnx", "openvino", "tensorrt"] = "onnx"  # openvino: + model.xml; tensorrt: its op/QDQ rules
+    precision: Literal["fp32", "int8"] = "fp32"  # int8: static QDQ calibrated on data (part: detector)
     size: list[int] | None = None    # (H, W); default: the detector's fixed size, else min_size square
     opset: int = 18
-    atol: float = 1e-3               # fp32 max abs error on the feature maps (values of order 1-10)
-    dynamic_hw: bool = False         # any height/width that is a multiple of the backbone's divisor
+    score_thresh: float | None = None    # default: the detector's own (RetinaNet 0.05, FCOS 0.2)
+    nms_iou: float | None = None         # default: the detector's own (RetinaNet 0.5, FCOS 0.6)
+    max_detections: int | None = None    # detections per image, padded; default: the detector's own (100)
+    data: CocoDataConfig | None = None   # parity images, int8 calibration and mAP (part: detector)
+    calib_images: int = 32               # int8 calibration images from data
+    map_tolerance: float = 0.005         # fp32: exported mAP within this of PyTorch's on data
+    box_atol: float = 1e-3               # fp32 parity: box corners (pixels)
+    score_atol: float = 1e-4             # fp32 parity: scores
+    atol: float = 1e-3               # part backbone: fp32 max abs error on the feature maps (values of order 1-10)
+    dynamic_hw: bool = False         # part backbone: any height/width that is a multiple of the backbone's divisor
 
     def validate(self, where: str) -> None:
         if self.size is not None and (len(self.size) != 2 or min(self.size) <= 0):
             raise ConfigError(f"{where}.size: two positive sides [H, W] (or left out)")
+        if self.nms_iou is not None and not 0.0 < self.nms_iou < 1.0:
+            raise ConfigError(f"{where}.nms_iou must be in (0, 1), got {self.nms_iou}")
+        if self.score_thresh is not None and not 0.0 < self.score_thresh < 1.0:
+            raise ConfigError(f"{where}.score_thresh must be in (0, 1), got {self.score_thresh}")
+        if self.max_detections is not None and self.max_detections < 1:
+            raise ConfigError(f"{where}.max_detections must be at least 1, got {self.max_detections}")
+        if self.calib_images < 1:
+            raise ConfigError(f"{where}.calib_images must be at least 1")
+        if self.part == "backbone" and (self.precision != "fp32" or self.format != "onnx"):
+            raise ConfigError(f"{where}: part backbone exports fp32 ONNX only (precision and format are for part "
+                              f"detector)")
+        if self.part == "detector" and self.dynamic_hw:
+            raise ConfigError(f"{where}.dynamic_hw is for part backbone; the whole detector takes any image size "
+                              f"(it resizes in the graph)")
+        if self.precision == "int8" and self.data is None:
+            raise ConfigError(f"{where}: precision int8 needs data (COCO images to calibrate on)")
 
 
 class ExportDetectionStage(Stage):
     type = "export_detection"
     Config = ExportDetectionConfig
 
+    @staticmethod
+    def preflight(cfg: ExportDetectionConfig, recipe, index: int) -> None:
+        if cfg.data is not None:
+            check_coco(cfg.data)
+
     def run(self) -> dict[str, Any]:
         from .export import export_backbone
 
         cfg = self.cfg
-        return export_backbone(previous_detector_dir(self.ctx), self.ctx.stage_dir,
-                               tuple(cfg.size) if cfg.size else None, cfg.opset, cfg.atol, cfg.dynamic_hw)
+        source = previous_detector_dir(self.ctx)
+        if cfg.part == "backbone":
+            return export_backbone(source, self.ctx.stage_dir, tuple(cfg.size) if cfg.size else None, cfg.opset,
+                                   cfg.atol, cfg.dynamic_hw)
+        return export_whole_detector(source, self.ctx.stage_dir, cfg)
+
+
+def export_whole_detector(source: Path, out_dir: Path, cfg: ExportDetectionConfig) -> dict[str, Any]:
+    """``export_detector`` with the config's data: parity and calibration on its images, then the
+    COCO mAP of PyTorch (resizing to the export size) against the exported file's."""
+    from .evaluate import evaluate_coco
+    from .export import ExportedDetector, export_detector, reference_detector
+
+    t0 = time.perf_counter()
+    samples = images = None
+    if cfg.data is not None:
+        from .io import load_detector
+
+        clean, report = check_coco(cfg.data)
+        if [c["id"] for c in load_detector(source)[1].categories] != [c["id"] for c in report.categories]:
+            raise EffVisionError(f"the detector in {source} was trained on other categories than {cfg.data.root} holds")
+        samples = CocoSamples(cfg.data, clean, train=False)
+        images = [samples[i][0] for i in range(min(len(samples), max(cfg.calib_images, 16)))]
+    result = export_detector(source, out_dir, size=tuple(cfg.size) if cfg.size else None, opset=cfg.opset,
+                             fmt=cfg.format, precision=cfg.precision, score_thresh=cfg.score_thresh,
+                             nms_iou=cfg.nms_iou, max_detections=cfg.max_detections,
+                             images=images[:cfg.calib_images] if images else None, box_atol=cfg.box_atol,
+                             score_atol=cfg.score_atol)
+    if samples is not None:
+        import torch
+
+        cpu = torch.device("cpu")
+        eager = reference_detector(source, result["size"], result["postprocess"])
+        m_eager = evaluate_coco(eager, samples, cpu, cfg.data.batch_size)
+        m_onnx = evaluate_coco(ExportedDetector(result["onnx"]), samples, cpu, cfg.data.batch_size)
+        diff = m_onnx["bbox_mAP"] - m_eager["bbox_mAP"]
+        result["map"] = {"pytorch": m_eager["bbox_mAP"], "exported": m_onnx["bbox_mAP"], "difference": diff,
+                         "pytorch_map50": m_eager["bbox_mAP50"], "exported_map50": m_onnx["bbox_mAP50"],
+                         "images": m_onnx["images"]}
+        if cfg.precision == "fp32" and abs(diff) > cfg.map_tolerance:
+            raise EffVisionError(f"the exported detector's mAP {m_onnx['bbox_mAP']:.4f} differs from PyTorch's "
+                                 f"{m_eager['bbox_mAP']:.4f} by more than {cfg.map_tolerance}")
+    result["wall_time_s"] = time.perf_counter() - t0
+    return result
 
 
 def sparse_attention_on_detector(stage: Stage) -> dict[str, Any]:
