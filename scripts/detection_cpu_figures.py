@@ -3,7 +3,8 @@
 An FCOS detector over resnet10t (random init) is trained on COCO128 at a small size by an
 effvision recipe (a memorisation check: COCO128 trains and evaluates on the same 128 images),
 then pruned inside the detector (channels of the trunk and the neck's inputs) and fine-tuned
-(optionally distilled from the dense detector's pyramid maps: --distill-weight). Each variant is exported whole (image -> boxes,
+(optionally distilled from the dense detector's pyramid maps: --distill-weight); the dense
+detector is fine-tuned as long (ratio 0, "dense+ft"): the fair reference for the pruned ones. Each variant is exported whole (image -> boxes,
 NMS in the graph) in fp32 and INT8 (onnxruntime static QDQ, calibrated on COCO128 images),
 parity-checked against PyTorch, and its COCO mAP computed from onnxruntime's and OpenVINO's
 outputs. All exported graphs are then timed round-robin in one process, in onnxruntime and
@@ -12,7 +13,7 @@ the table filed in the results ledger (section detection-cpu) unless --no-ledger
 the trained, pruned and exported detectors found in --out.
 
   .venv/bin/python scripts/detection_cpu_figures.py --out runs/detection_cpu_figures \
-      [--epochs 100] [--size 128] [--ratios 0.5] [--finetune-epochs 30] [--rounds 5]
+      [--epochs 100] [--size 128] [--ratios 0 0.2 0.3] [--finetune-epochs 60] [--rounds 7]
 """
 from __future__ import annotations
 
@@ -67,14 +68,15 @@ def train_dense(args: argparse.Namespace, out: Path) -> Path:
 
 
 def prune_finetune(dense: Path, ratio: float, args: argparse.Namespace, out: Path) -> tuple[Path, dict[str, Any]]:
-    """Prune the dense detector's backbone by ``ratio``, fine-tune it distilled from the dense one."""
-    folder = out / f"pruned-{ratio:g}"
+    """Prune the dense detector's backbone by ``ratio`` (0: not at all, the fair reference for the
+    pruned ones: as many training epochs in all), then fine-tune it."""
+    folder = out / (f"pruned-{ratio:g}" if ratio else "dense-finetuned")
     if (folder / "report.json").is_file():
         return folder / "detector", json.loads((folder / "report.json").read_text())
     detector, spec = load_detector(dense)
     teacher, _ = load_detector(dense)
     t0 = time.perf_counter()
-    report = prune_detector_(detector, ratio, example_size=(args.size, args.size))
+    report = prune_detector_(detector, ratio, example_size=(args.size, args.size)) if ratio else {}
     samples, _ = coco_samples(CocoDataConfig(root=str(args.coco), batch_size=8), train=True)
     loader = detection_loader(samples, 8, shuffle=True, seed=0)
     result = train_detector(detector, loader, epochs=args.finetune_epochs, device=torch.device("cpu"),
@@ -149,12 +151,13 @@ def main() -> None:
     ap.add_argument("--dense", type=Path, help="a trained detector dir to start from (default: train one)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--ratios", type=float, nargs="*", default=[0.5])
-    ap.add_argument("--finetune-epochs", type=int, default=30)
+    ap.add_argument("--ratios", type=float, nargs="*", default=[0, 0.2, 0.3],
+                    help="pruning ratios, each fine-tuned --finetune-epochs (0: the dense detector fine-tuned as long)")
+    ap.add_argument("--finetune-epochs", type=int, default=60)
     ap.add_argument("--distill-weight", type=float, default=0.0,
                     help="pyramid distillation from the dense detector (0: plain fine-tune, the best measured here)")
     ap.add_argument("--calib-images", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=20, help="calls per contender per round at batch 1 (batch 8: a quarter)")
     ap.add_argument("--threads", type=int, default=2)
     add_arguments(ap)
@@ -164,7 +167,7 @@ def main() -> None:
     dense = args.dense or train_dense(args, args.out)
     detectors = {"dense": (dense, {})}
     for ratio in args.ratios:
-        detectors[f"pruned {ratio:g}"] = prune_finetune(dense, ratio, args, args.out)
+        detectors[f"pruned {ratio:g}" if ratio else "dense+ft"] = prune_finetune(dense, ratio, args, args.out)
     exports: dict[str, tuple[Path, dict[str, Any]]] = {}
     for name, (d, _) in detectors.items():
         for precision in ("fp32", "int8"):
@@ -176,11 +179,11 @@ def main() -> None:
         med = {k.split("|", 1)[1]: statistics.median(v) for k, v in times.items() if k.startswith(name + "|")}
         spread = np.percentile(np.array(times[f"{name}|ort|1"]) * 1e3, [10, 90])
         variant = name.rsplit(" ", 1)[0]
-        params = detectors[variant][1].get("prune", {}).get("params_after")
+        params = sum(p.numel() for p in load_detector(detectors[variant][0])[0].parameters())
         rows.append({"detector": name, "mAP (onnxruntime)": round(result["map"]["exported"], 3),
                      "mAP (OpenVINO)": round(result["map_openvino"], 3),
                      "mAP PyTorch": round(result["map"]["pytorch"], 3),
-                     "params (M)": round(params / 1e6, 2) if params else None,
+                     "params (M)": round(params / 1e6, 2),
                      "ort ms b1 (p10-p90)": f"{med['ort|1'] * 1e3:.2f} ({spread[0]:.2f}-{spread[1]:.2f})",
                      "OpenVINO ms b1": round(med["openvino|1"] * 1e3, 2),
                      "ort img/s b8": round(8 / med["ort|8"], 1), "OpenVINO img/s b8": round(8 / med["openvino|8"], 1),
