@@ -138,8 +138,8 @@ def detection_compressed_section(args: argparse.Namespace) -> list[dict[str, Any
     size = recipe["stages"][0]["fixed_size"]
     rows = []
     for name, d, ev in (("dense", dense_dir, dense_eval), ("pruned 0.5", pruned_dir, pruned_eval)):
-        timing = _time_whole(d, size, args)
         fp32 = _export_map(d, run_dir / f"export-{name.split()[0]}-fp32", coco, recipe, size)
+        timing = _time_whole(d, size, args, onnx=Path(fp32["onnx"]))
         rows.append({"detector": name, "backbone": train["backbone"], "size": size, "bbox_mAP": ev["bbox_mAP"],
                      "bbox_mAP_fp32_onnx": fp32["map"]["exported"], **timing,
                      "params_m": pruned["params_m_after"] if name != "dense" else pruned["params_m_before"]})
@@ -163,26 +163,23 @@ def _export_map(detector_dir: Path, out: Path, coco: Path, recipe: dict[str, Any
     return export_whole_detector(detector_dir, out, cfg)
 
 
-def _time_whole(detector_dir: Path, size: list[int], args: argparse.Namespace, onnx: Path | None = None,
+def _time_whole(detector_dir: Path, size: list[int], args: argparse.Namespace, onnx: Path,
                 gpu: bool = True) -> dict[str, Any]:
     """Median ms per call of the whole detector: PyTorch on the GPU (batch 1 and 16) where there
-    is one, and onnxruntime on the CPU at batch 1 (``onnx``: this file, else an fp32 export)."""
+    is one, and onnxruntime on the CPU at batch 1 (the exported file ``onnx``)."""
     import statistics
-    import tempfile
     import time
 
     import numpy as np
     import torch
 
-    from .export import export_detector
     from .io import load_detector
     from .whole import WholeDetector, settings_of
 
     out: dict[str, Any] = {}
-    detector, _ = load_detector(detector_dir)
-    whole = WholeDetector(detector, (size[0], size[1]), settings_of(detector)).eval()
     if gpu and torch.cuda.is_available() and not getattr(args, "toy", False):
-        whole = whole.cuda()
+        detector, _ = load_detector(detector_dir)
+        whole = WholeDetector(detector, (size[0], size[1]), settings_of(detector)).eval().cuda()
         for b in (1, 16):
             x = torch.rand(b, 3, *size, device="cuda")
             times = []
@@ -198,17 +195,15 @@ def _time_whole(detector_dir: Path, size: list[int], args: argparse.Namespace, o
             out[f"torch_gpu_ms_b{b}"] = statistics.median(times)
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = onnx or Path(export_detector(detector_dir, Path(tmp) / "e", size=(size[0], size[1]))["onnx"])
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        x = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
-        for _ in range(3):
-            session.run(None, {"images": x})
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            session.run(None, {"images": x})
-            times.append((time.perf_counter() - t0) * 1e3)
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
+    for _ in range(3):
+        session.run(None, {"images": x})
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        session.run(None, {"images": x})
+        times.append((time.perf_counter() - t0) * 1e3)
     out["ort_cpu_ms_b1"] = statistics.median(times)
     return out
 
