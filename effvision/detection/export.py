@@ -52,7 +52,6 @@ def export_backbone(detector_dir: str | Path, out_dir: str | Path, size: tuple[i
     """detector dir -> out_dir/{backbone.onnx, manifest.json}; refuses to overwrite. With
     ``dynamic_hw`` the graph takes any height and width that are multiples of the backbone's
     divisor (checked at the export size and a second, non-square one)."""
-    from effvision.attention import export_summary
     from effvision.export import OnnxExportConfig, check_parity, export_onnx, write_manifest
 
     out_dir = Path(out_dir)
@@ -92,10 +91,7 @@ def export_backbone(detector_dir: str | Path, out_dir: str | Path, size: tuple[i
         "outputs": [{"name": n, "shape": s, "stride": st} for n, s, st in zip(body.names, shapes, body.strides)],
         "parity": parity,
     }
-    sparse = export_summary(body)  # a sparse_attention stage's policies: the export form per kind
-    if sparse is not None:
-        info["sparse_attention"] = sparse
-    write_manifest(out_dir, [BACKBONE_ONNX], info)
+    write_manifest(out_dir, [BACKBONE_ONNX], {**info, **_sparse_section(body)})
     return {"onnx": str(path), "size": [h, w], "dynamic_hw": dynamic_hw, "parity": parity}
 
 

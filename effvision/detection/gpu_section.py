@@ -36,8 +36,11 @@ def _pycocotools_path() -> str | None:
     return str(target.resolve())
 
 
-def detection_section(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """recipes/detection_coco128.yaml: Faster R-CNN overfitting coco128 (target bbox mAP@0.5 > 0.5)."""
+def _coco_and_env(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
+    """The coco128 folder (unpacked from ``args.coco`` when that is a .tgz) and the environment of
+    the recipe's process (pycocotools from .data/wheels if this Python lacks it; this process
+    gets it too: the compressed section evaluates exports itself)."""
+    import sys
     import tarfile
 
     coco = Path(args.coco)
@@ -50,6 +53,14 @@ def detection_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     extra = _pycocotools_path()
     if extra:
         env["PYTHONPATH"] = os.pathsep.join([extra, env.get("PYTHONPATH", "")])
+        if extra not in sys.path:
+            sys.path.insert(0, extra)
+    return coco, env
+
+
+def detection_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """recipes/detection_coco128.yaml: Faster R-CNN overfitting coco128 (target bbox mAP@0.5 > 0.5)."""
+    coco, env = _coco_and_env(args)
     recipe = yaml.safe_load(Path("recipes/detection_coco128.yaml").read_text())
     recipe["stages"] = [s for s in recipe["stages"] if s["type"] != "export_detection"]  # the CPU tests cover it
     for s in recipe["stages"]:
@@ -95,21 +106,7 @@ def detection_compressed_section(args: argparse.Namespace) -> list[dict[str, Any
     whole in fp32 too, their mAP from onnxruntime, and the whole detectors timed: PyTorch on the
     GPU (WholeDetector, NMS included) at batch 1 and 16, onnxruntime on this machine's CPU at
     batch 1."""
-    import tarfile
-
-    coco = Path(args.coco)
-    if coco.suffix == ".tgz":
-        if not (Path(".data") / "coco128").is_dir():
-            with tarfile.open(coco) as tar:
-                tar.extractall(".data", filter="data")
-        coco = Path(".data") / "coco128"
-    env = dict(os.environ)
-    extra = _pycocotools_path()
-    if extra:
-        env["PYTHONPATH"] = os.pathsep.join([extra, env.get("PYTHONPATH", "")])
-        import sys
-
-        sys.path.insert(0, extra)  # this process evaluates the exports too
+    coco, env = _coco_and_env(args)
     recipe = yaml.safe_load(Path("recipes/detection_compressed_coco128.yaml").read_text())
     for s in recipe["stages"]:
         if "data" in s:
