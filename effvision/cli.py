@@ -179,6 +179,27 @@ def _export_detector(detector_dir: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from effvision.export.race import RaceConfig, run_race
+
+    src = Path(args.model_dir)
+    model_dir = src if (src / "model.json").is_file() else _newest_model_dir(src)
+    out = Path(args.out) if args.out else src / f"deploy-{args.target}"
+    cfg = RaceConfig(batch_sizes=args.batch_size, contenders=args.contenders, data=args.data,
+                     calib_images=args.calib_images, check_images=args.check_images, rounds=args.rounds,
+                     warmup=args.warmup, iters=args.iters, threads=args.threads, remeasure=args.remeasure)
+    if args.int8_min_sqnr is not None:
+        cfg.thresholds.min_sqnr_db["int8"] = args.int8_min_sqnr
+    if args.int8_min_agreement is not None:
+        cfg.thresholds.min_agreement["int8"] = args.int8_min_agreement
+    report = run_race(model_dir, out, cfg)
+    print((out / "race.md").read_text())
+    if "int8" in report:
+        print("effvision: no INT8 form passed its check; the fp32 winner ships (race.json says why)", file=sys.stderr)
+    print(f"wrote {out} (batch-<B>/ per batch size, race.json, race.md, race.png)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import benchmark
 
@@ -296,6 +317,15 @@ examples:
   effvision bench model.onnx --backend ort --batch-size 1
   effvision bench runs/det/03-export_detection --backend ort openvino --batch-size 1   # an exported detector
   effvision bench runs/quick --backend ort trt --batch-size 32   # trt: needs tensorrt and a GPU""",
+    "deploy": """Exports the model to every CPU runtime and precision installed here (onnxruntime fp32 and
+INT8 forms, OpenVINO fp32 and NNCF INT8, torch eager and compile), checks each against the fp32
+model (logit SQNR; top-1 agreement on real images), times those that pass round-robin in one
+process, and ships the fastest per batch size. A rerun on the same machine reads the recorded
+timings (--remeasure measures again).
+examples:
+  effvision deploy runs/quick --target cpu --batch-size 1 32
+  effvision deploy runs/cifar/01-train/model --data ../shared/datasets/cifar10 --out deploy/
+  effvision deploy MODEL_DIR --contenders ort-fp32 ort-int8-static openvino-int8-nncf --rounds 7""",
     "push": """examples:
   effvision push runs/quick --repo alice/vit-micro-digits             # needs HF_TOKEN or `hf auth login`
   effvision push runs/quick/01-train/model --repo alice/vit-micro --private
@@ -404,6 +434,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's/onnxruntime's own)")
     b.add_argument("--json", help="write results to this JSON file (must not exist)")
     b.set_defaults(fn=_cmd_bench)
+
+    d = _sub(sub, "deploy", "race every CPU runtime and precision on this machine; ship the fastest per batch size")
+    d.add_argument("model_dir", help="a model directory, or a run directory (its newest model)")
+    d.add_argument("--target", default="cpu", choices=["cpu"], help="where it will run (this machine's CPU)")
+    d.add_argument("--batch-size", type=int, nargs="+", default=[1, 32], help="one winner per batch size")
+    d.add_argument("--data", help="images to calibrate and check on: an image folder (train/ and val/ or test/ "
+                                  "where present) or a .npy array (N, C, H, W), normalized (default: noise)")
+    d.add_argument("--contenders", nargs="+", metavar="NAME",
+                   help="only these (default: every one whose runtime is installed; ort-fp32 always runs)")
+    d.add_argument("--calib-images", type=int, default=64, help="images for INT8 calibration")
+    d.add_argument("--check-images", type=int, default=128, help="held-out images for the checks")
+    d.add_argument("--rounds", type=int, default=5, help="round-robin rounds (medians and spread over rounds)")
+    d.add_argument("--warmup", type=int, default=3, help="untimed calls per contender per round")
+    d.add_argument("--iters", type=int, default=10, help="timed calls per contender per round")
+    d.add_argument("--threads", type=int, help="CPU threads for every runtime (default: one per core)")
+    d.add_argument("--int8-min-sqnr", type=float,
+                   help="an INT8 form passes with logit SQNR vs fp32 at least this (default: 15 dB, race.Thresholds)")
+    d.add_argument("--int8-min-agreement", type=float,
+                   help="and, on real images (--data), top-1 agreement with fp32 at least this (default: 0.9)")
+    d.add_argument("--remeasure", action="store_true", help="time again instead of reading the recorded timings")
+    d.add_argument("--out", help="output folder, must not exist (default: MODEL_DIR/deploy-<target>)")
+    d.set_defaults(fn=_cmd_deploy)
 
     for name, fn, text in (("prune", _cmd_prune, "structured pruning of a saved model dir (no recipe needed)"),
                            ("quantize", _cmd_quantize, "INT8/FP8 post-training quantization of a saved model dir, "
