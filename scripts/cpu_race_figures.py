@@ -43,6 +43,7 @@ def _races(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         if not (folder / "race.json").is_file():
             run_race(model_dir, folder, RaceConfig(batch_sizes=args.batch_sizes, data=args.data, rounds=args.rounds,
                                                    warmup=args.warmup, iters=args.iters, threads=args.threads,
+                                                   calib_images=args.calib_images, check_images=args.check_images,
                                                    remeasure=True))
         reports.append(json.loads((folder / "race.json").read_text()))
     return reports
@@ -103,6 +104,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int)
+    p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--check-images", type=int, default=128)
     p.add_argument("--data", help="image folder or .npy to calibrate and check on (default: noise)")
     p.add_argument("--out", type=Path, default=Path("runs/cpu_race"))
     p.add_argument("--plot", type=Path, help="also copy the plot here (e.g. docs/cpu_race.png)")
