@@ -1,5 +1,7 @@
 """The ort-cpu graph: INT8 as onnxruntime's dynamic quantization of the exported fp32 graph
-(every MatMul, the attention matmuls q@k^T and attn@v included), and, opt-in, onnxruntime's
+(the MatMuls with a constant weight: quantize_dynamic's MatMulConstBOnly default leaves the
+attention matmuls q@k^T and attn@v in fp32, 19% of deit_tiny's time at batch 1 by
+scripts/int8_profile.py), and, opt-in, onnxruntime's
 transformer optimizer on the fp32 graph. Chosen by measurement on 2 CPU cores (README,
 "Quantization and deployment export"): the dynamic form was the fastest INT8 at batch 32 and
 agreed best with fp32 on real images (its activation scales come from each batch; scales
@@ -33,7 +35,7 @@ def transformer_optimize(src: str | Path, dst: str | Path) -> dict[str, int]:
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = False) -> dict[str, Any]:
-    """int8 weights, per-batch uint8 activations for every MatMul and Attention of ``src``."""
+    """int8 weights, per-batch uint8 activations for the weight MatMuls and Attention of ``src``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src))

@@ -1,21 +1,23 @@
 """Static INT8 for onnxruntime CPU: onnxruntime's quantize_static of the exported fp32 graph with
 activation scales calibrated on the caller's images (unlike quantize_dynamic in ort_optimize.py,
-which computes an activation scale per batch at run time, DynamicQuantizeLinear before every
-MatMul). Defaults are the measured ones on deit_tiny, 2 cores (scripts/int8_profile.py).
+which finds each activation's range per batch at run time, and, by its MatMulConstBOnly default,
+leaves the attention matmuls fp32). Defaults are the measured ones on deit_tiny, 2 cores
+(scripts/int8_profile.py): QDQ with float outputs, per-tensor weights, uint8 activations.
 """
 from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 
 from effvision.errors import EffVisionError
 
-__all__ = ["quantize_static_int8", "MIN_CALIBRATION_IMAGES", "STATIC_OP_TYPES"]
+__all__ = ["MIN_CALIBRATION_IMAGES", "STATIC_OP_TYPES", "quantize_static_int8"]
 
 MIN_CALIBRATION_IMAGES = 8  # fewer images give activation ranges of a handful of samples: clipped real inputs
 # the patch-embedding Conv stays fp32: with a float output the session does not fuse its DQ into a
@@ -71,8 +73,13 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: np.ndarr
     the bias Add, Softmax and GELU see fp32. ``weight_matmuls_only``: the attention matmuls (q@k^T,
     attn@v: no constant input) stay fp32. ``method``: minmax | percentile (99.999th percentile of |x|). ``extra_options``:
     quantize_static's own, over the ones set here."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     for name, value, allowed in (("form", form, _FORMS), ("activation", activation, _ACTIVATIONS),
                                  ("method", method, _METHODS)):

@@ -84,7 +84,8 @@ def _plot(rows: list[dict[str, Any]], raw: dict[str, Any], path: Path) -> None:
                 names.append(contender)
                 m = statistics.median(ratios)
                 med.append(m), lo.append(m - min(ratios)), hi.append(max(ratios) - m)
-        ax.barh(names, med, xerr=[lo, hi], capsize=2, color=["C0" if "int8" in n else "C1" for n in names])
+        int8 = [reports[0]["contenders"][n]["precision"] == "int8" for n in names]
+        ax.barh(names, med, xerr=[lo, hi], capsize=2, color=["C0" if q else "C1" for q in int8])
         ax.axvline(1.0, color="grey", lw=0.8)
         ax.set_title(f"{row['model'].split('_patch')[0]}, batch {row['batch']}", fontsize=9)
         ax.set_xlabel("img/s vs onnxruntime fp32")

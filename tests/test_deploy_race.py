@@ -98,6 +98,15 @@ def test_int8_failing_every_check_ships_fp32(model_dir, cache, tmp_path, monkeyp
     assert "No INT8 contender passed" in (tmp_path / "out" / "race.md").read_text()
 
 
+def test_executorch_contender_runs_the_model(model_dir, cache, tmp_path, monkeypatch):
+    pytest.importorskip("executorch", reason="the executorch extra is not installed")
+    report = _race(model_dir, tmp_path / "out", cache, monkeypatch, contenders=["ort-fp32", "executorch-xnnpack"],
+                   batch_sizes=[4])
+    entry = report["contenders"]["executorch-xnnpack"]
+    assert entry["status"] == "passed", entry.get("reason")
+    assert entry["checks"]["sqnr_db"] > 60 and "4" in entry["timings"]
+
+
 def _cli(*argv: str, capsys) -> tuple[int, str]:
     code = main(["deploy", *argv])
     return code, capsys.readouterr().err

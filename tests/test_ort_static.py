@@ -11,11 +11,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from effvision.export.onnx import OnnxExportConfig, export_onnx
+from effvision.export.ort_static import MIN_CALIBRATION_IMAGES, quantize_static_int8
 
 import effvision.models  # noqa: F401  (registers vit_micro_patch4_32)
 from effvision.errors import EffVisionError
-from effvision.export.onnx import OnnxExportConfig, export_onnx
-from effvision.export.ort_static import MIN_CALIBRATION_IMAGES, quantize_static_int8
 from effvision.models.io import ModelSpec, create_model
 
 SHAPE = (3, 32, 32)

@@ -4,13 +4,14 @@ files into its own folder and returns how to run it; everything derives from one
 graph (effvision's export + onnxslim), so the runtimes race on the same network.
 
 Runtimes and forms (why each is here: docs/deployment.md, "CPU runtime race"):
-- onnxruntime fp32; effvision's INT8 (dynamic quantization of every MatMul, per-tensor int8
+- onnxruntime fp32; effvision's INT8 (dynamic quantization of the weight MatMuls, per-tensor int8
   weights); onnxruntime's own ``quantize_dynamic`` with its defaults (the peer form); static
-  calibrated INT8 with per-channel weights (``ort_static.py``);
+  calibrated INT8 with float outputs (``ort_static.py``);
 - OpenVINO fp32 on the same graph; NNCF's post-training INT8 on OpenVINO (model type
   transformer for ViTs: SmoothQuant and the transformer ignored scope); the static QDQ graph read
   by OpenVINO (effvision's QDQ-to-OpenVINO path, kept only where it wins);
-- torch eager and ``torch.compile`` (inductor, one compile per batch size).
+- torch eager and ``torch.compile`` (inductor, one compile per batch size);
+- ExecuTorch with the XNNPACK delegate (the ``executorch`` extra).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class BuildContext:
     calibration: np.ndarray          # (N, C, H, W) float32, normalized as the model expects
     threads: int
     transformer: bool                # a ViT: NNCF's transformer model type
+    batch_sizes: list[int]           # the race's (ExecuTorch programs have one static shape each)
     built: dict[str, "Contender"] = field(default_factory=dict)  # by name, in build order
 
     def fp32_onnx(self) -> Path:
@@ -225,15 +227,48 @@ def _build_torch_compile(ctx: BuildContext, folder: Path) -> Contender:
                      _torch_runner(ctx.model, True))
 
 
+def _executorch_runner(folder: Path, batch_sizes: list[int]) -> Callable[[int], Runner]:
+    def make(threads: int) -> Runner:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        from executorch.runtime import Runtime
+
+        _unsafe_reset_threadpool(threads)  # XNNPACK's pool takes the race's thread count, like the others
+        runtime = Runtime.get()
+        methods = {b: runtime.load_program(str(folder / f"model-b{b}.pte")).load_method("forward")
+                   for b in batch_sizes}
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return methods[len(x)].execute([torch.from_numpy(x)])[0].numpy()
+        return run
+    return make
+
+
+def _build_executorch(ctx: BuildContext, folder: Path) -> Contender:
+    """One XNNPACK-lowered program per batch size: the dynamic-batch program failed set_inputs
+    at run time (executorch 1.5.1), and static shapes are XNNPACK's fast path anyway."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    files = []
+    for b in ctx.batch_sizes:
+        program = torch.export.export(ctx.model, (torch.randn(b, *ctx.shape),))
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+        files.append(f"model-b{b}.pte")
+        (folder / files[-1]).write_bytes(lowered.buffer)
+    return Contender("executorch-xnnpack", "executorch", "fp32", folder, files,
+                     {"form": "torch.export -> ExecuTorch, XNNPACK delegate, one program per batch size"},
+                     _executorch_runner(folder, ctx.batch_sizes))
+
+
 REGISTRY: dict[str, Registration] = {r.name: r for r in [
     Registration("ort-fp32", "onnxruntime", "fp32", ("onnxruntime", "onnxslim"), "onnx", _build_ort_fp32,
                  description="onnxruntime, effvision's fp32 export"),
     Registration("ort-int8-dynamic", "onnxruntime", "int8", ("onnxruntime",), "onnx", _build_ort_int8_dynamic,
-                 ("ort-fp32",), "effvision's ort-cpu INT8: dynamic, MatMuls incl. attention"),
+                 ("ort-fp32",), "effvision's ort-cpu INT8: dynamic, weight MatMuls"),
     Registration("ort-quantize-dynamic", "onnxruntime", "int8", ("onnxruntime",), "onnx",
                  _build_ort_quantize_dynamic, ("ort-fp32",), "onnxruntime quantize_dynamic, its defaults"),
     Registration("ort-int8-static", "onnxruntime", "int8", ("onnxruntime",), "onnx", _build_ort_int8_static,
-                 ("ort-fp32",), "static calibrated INT8, per-channel weights"),
+                 ("ort-fp32",), "static calibrated INT8 (QDQ, float outputs)"),
     Registration("openvino-fp32", "openvino", "fp32", ("openvino",), "openvino", _build_openvino_fp32,
                  ("ort-fp32",), "OpenVINO on the fp32 graph"),
     Registration("openvino-int8-nncf", "openvino", "int8", ("openvino", "nncf"), "openvino", _build_openvino_nncf,
@@ -244,4 +279,6 @@ REGISTRY: dict[str, Registration] = {r.name: r for r in [
                  description="PyTorch eager"),
     Registration("torch-compile", "torch", "fp32", ("torch",), "", _build_torch_compile,
                  description="torch.compile (inductor)"),
+    Registration("executorch-xnnpack", "executorch", "fp32", ("executorch",), "executorch", _build_executorch,
+                 description="ExecuTorch with the XNNPACK delegate"),
 ]}

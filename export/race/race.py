@@ -163,7 +163,8 @@ def run_race(model_dir: str | Path, out: str | Path, cfg: RaceConfig) -> dict[st
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp_name:
         tmp = Path(tmp_name)
         ctx = BuildContext(model, model_dir, shape, images.calibration, threads,
-                           transformer=hasattr(model, "blocks") and hasattr(model, "patch_embed"))
+                           transformer=hasattr(model, "blocks") and hasattr(model, "patch_embed"),
+                           batch_sizes=sorted(set(cfg.batch_sizes)))
         for reg in chosen:
             entry: dict[str, Any] = {"runtime": reg.runtime, "precision": reg.precision,
                                      "description": reg.description}
