@@ -78,8 +78,8 @@ def variants(args: argparse.Namespace, out: Path) -> list[tuple[str, dict[str, A
     prune = {"type": "prune", "criterion": "taylor", "calib_batches": 4, "round_to": 8,
              "budget": {"metric": "latency", "backend": "ort", "fraction": args.latency_fraction,
                         **({"allocation": args.allocation} if args.allocation != "uniform" else {})},
-             # HALP allocates heads and MLP units per block; width is one global choice (uniform only)
-             "budget_kinds": ["heads", "mlp"] if args.allocation == "halp" else ["heads", "mlp", "width"]}
+             # HALP also chooses the embedding width and drops whole blocks (depth, a HALP-only kind)
+             "budget_kinds": ["heads", "mlp", "width", *(["depth"] if args.allocation == "halp" else [])]}
     kd = {"teacher": dense_model, "kind": "soft", "alpha": 1.0, "temperature": 2.0, "cache_logits": True}
     ft = args.finetune_budget
     out_v = [
@@ -174,7 +174,8 @@ def main() -> None:
     p.add_argument("--dense-run", type=Path, default=None,
                    help="a finished cpu_bench dense run (OUT/dense of an earlier run) to reuse instead of training")
     p.add_argument("--allocation", choices=["uniform", "halp"], default="uniform",
-                   help="how the latency budget is spread over layers (prune budget.allocation)")
+                   help="how the latency budget is spread over layers (prune budget.allocation; halp: heads and "
+                        "MLP units per block, one embedding width, whole blocks dropped)")
     p.add_argument("--latency-fraction", type=float, default=0.4, help="pruned onnxruntime latency / dense")
     p.add_argument("--tokens", nargs="*", default=[], metavar="tome:R|evit:KEEP",
                    help="also: token reduction of dense (ToMe r or EViT keep rate) + the distilled fine-tune")

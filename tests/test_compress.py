@@ -84,8 +84,8 @@ print("ok", [m["mode"] for m in spec.modes] == ["prune"])
     ({"ratio": 0.3, "ignore": ["blocks.7.mlp"]}, "no module named blocks.7.mlp"),
     ({"budget": {"metric": "params", "fraction": 0.05}, "budget_kinds": ["mlp"]}, "cannot be reached"),
     ({"criterion": "magic", "ratio": 0.3}, "unknown 'magic'"),
-    ({"budget": {"metric": "latency", "fraction": 0.5, "allocation": "halp"}, "budget_kinds": ["width"]},
-     "allocation halp allocates heads and mlp per block, not width"),
+    ({"budget": {"metric": "latency", "fraction": 0.5, "allocation": "halp"}, "budget_kinds": ["channels"]},
+     "allocation halp allocates heads, mlp, width, depth, not channels"),
 ], ids=["ratio", "ignored", "budget", "criterion", "halp"])
 def test_bad_prune_config_fails_before_work(tmp_path: Path, prune: dict, message: str) -> None:
     recipe = tiny_recipe(tmp_path / "r.yaml", stages=_stages({"type": "prune", **prune}))

@@ -6,8 +6,12 @@ exactly those differences, as the ``prune`` mode's metadata in the model's recor
 ``create_model(spec)`` rebuilds the pruned model in a fresh process (no pickle), and
 ``load_weights`` then fills it.
 
-    {"tensors": {"blocks.0.attn.qkv.weight": [144, 96], ...},     # parameter/buffer shapes
+    {"kept_blocks": [0, 1, 3],                                   # a ViT's blocks kept (depth), if any dropped
+     "tensors": {"blocks.0.attn.qkv.weight": [144, 96], ...},     # parameter/buffer shapes
      "attrs": {"blocks.0.attn": {"num_heads": 2, "attn_dim": 64}, ...}}
+
+Dropped blocks are removed first, so ``tensors`` and ``attrs`` name the kept blocks by their new
+positions (``blocks.2`` is the dense model's block 3 above).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["architecture", "describe_pruned", "apply_pruned"]
+__all__ = ["architecture", "describe_pruned", "apply_pruned", "keep_blocks"]
 
 _SCALARS = (int, float, str)
 
@@ -76,12 +80,26 @@ def describe_pruned(pruned: nn.Module, dense: nn.Module | dict[str, Any]) -> dic
     return {"tensors": tensors, "attrs": attrs}
 
 
+def keep_blocks(model: nn.Module, kept: list[int]) -> None:
+    """Keep only the ViT blocks ``kept`` (indices into ``model.blocks``), in order: a dropped block
+    becomes the identity on the residual stream. By hand: Torch-Pruning has no block removal."""
+    blocks = model.blocks
+    model.blocks = nn.Sequential(*(blocks[i] for i in kept))
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and len(info) == len(blocks):  # timm's one entry per block, named by position
+        model.feature_info = [{**info[i], "module": f"blocks.{j}"} if isinstance(info[i], dict) else info[i]
+                              for j, i in enumerate(kept)]
+
+
 def apply_pruned(model: nn.Module, pruned: dict[str, Any]) -> nn.Module:
     """Resize ``model`` (a fresh dense timm model) in place to the recorded pruned architecture.
 
-    Tensors are replaced by uninitialised ones of the recorded shape: the caller loads the
-    pruned weights next (``load_weights`` is strict, so a missed tensor is an error there).
+    Dropped blocks go first (``kept_blocks``: the names that follow are the kept blocks' new ones).
+    Tensors are replaced by uninitialised ones of the recorded shape: the caller loads the pruned
+    weights next (``load_weights`` is strict, so a missed tensor is an error there).
     """
+    if "kept_blocks" in pruned:
+        keep_blocks(model, [int(i) for i in pruned["kept_blocks"]])
     for name, shape in pruned.get("tensors", {}).items():
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)

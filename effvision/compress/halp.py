@@ -1,25 +1,42 @@
 """Per-layer pruning under a latency budget: HALP's latency-saliency knapsack (Shen et al.,
 "Structural Pruning via Latency-Saliency Knapsack", NeurIPS 2022), for timm ViTs.
 
-A uniform ratio removes the same share of every block's heads and MLP units. Here every block's
-attention (how many heads it keeps) and MLP (how many hidden units) is an item with a few
-widths to choose from; each width has
+A uniform ratio removes the same share of every block's heads and MLP units. Here the allocation
+chooses one embedding width for the whole model (kind ``width``, the ViT's residual stream) and,
+per block, how many heads its attention keeps and how many hidden units its MLP keeps, or drops
+the block whole (kind ``depth``: the block becomes the identity on the residual stream). Each block
+is one knapsack item whose options are its (heads, units) pairs, plus "dropped" under ``depth``. A
+block keeps both branches or neither: a lone branch at 0 would need a new module type in the saved
+record and is rarely worth it (the other branch still pays the block's norms and its call), so the
+only zero is the whole block. Every option has
 
-- a **value**: the importance it keeps, the sum of the criterion's scores (``importance.py``:
-  taylor, l2, ...) of its best heads / units, on the raw scale (no per-layer normalisation, so
-  layers compare);
+- a **value**: the importance it keeps, the criterion's scores (``importance.py``: taylor, l2, ...)
+  on the raw scale (no per-layer normalisation; a group's members summed, not averaged, so a
+  channel of the embedding width, whose group spans every layer, compares with a head). Each
+  tensor slice counts once (``Values``): a block's heads and units cover all its weights, so a
+  dropped block keeps 0; a stream W wide keeps its W best channels (ranked on the dense model) and
+  loses, besides the patch embedding/tokens/norm/head slices of the others, each *kept* block's
+  slices of them (a block's share of a channel's score: what the score loses when that block's
+  tensors read 0). The one slice counted twice is a removed head's (unit's) weights on a removed
+  channel: the loss of narrowing both is slightly overstated.
 - a **cost**: its measured latency, read from a per-machine table of layer widths (one block's
-  norm + attention with h heads, norm + MLP with m units, at the model's token count and batch,
-  on the budget's backend), timed round-robin (every variant and the whole dense model called in
-  turn, medians), cached like ``budget.LatencyTable`` so that a rerun reads the table.
+  norm + attention with h heads, norm + MLP with m units, at every embedding width offered, at the
+  model's token count and batch, on the budget's backend; a dropped block costs 0), timed
+  round-robin (every variant and the whole dense model called in turn, medians), cached like
+  ``budget.LatencyTable`` so that a rerun reads the table.
 
-The allocation maximises the kept value under the latency the budget allows, then the pruned
-model's whole latency is measured against dense (``latency_fraction``) and the layers' share is
-rescaled if the sum of layer latencies mispredicted it (fusions across layers, call overhead).
+For each embedding width the blocks are solved as a knapsack with that width's costs and values
+(at least one block kept), and the width whose total kept value is largest wins: every total is
+on the one scale above, so widths compare. Then the pruned model's whole latency is measured
+against dense (``latency_fraction``) and the layers' share is rescaled if the sum of layer
+latencies mispredicted it (fusions across layers, call overhead, the patch embedding and head,
+which the table keeps at their dense cost).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -27,6 +44,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch_pruning as tp
@@ -37,28 +55,68 @@ from ..bench import time_calls
 from ..errors import EffVisionError
 from .budget import BudgetSpec, LatencyTable, _runner, latency_fraction
 from .importance import get_criterion
-from .prune import Batches, PruneSpec, kinds_of, prune_
+from .prune import Batches, PruneSpec, _is_vit, kinds_of, prune_
 
-__all__ = ["Layer", "layers_of", "solve_knapsack", "layer_latencies", "layer_values", "allocate", "round_robin",
+__all__ = ["Layer", "Block", "Allocation", "HALP_KINDS", "DEPTH", "blocks_of", "embed_widths", "present_kinds",
+           "Values", "solve_knapsack", "layer_latencies", "layer_values", "allocate", "round_robin",
            "round_robin_times"]
 
-HALP_KINDS = ("heads", "mlp")
+DEPTH = "depth"    # a budget kind of HALP only: whole ViT blocks dropped
+HALP_KINDS = ("heads", "mlp", "width", DEPTH)
 TOLERANCE = 0.03   # accept a measured fraction this far under the budget; closer is not worth more tries
 
 
 @dataclass
 class Layer:
-    """One prunable item: a block's attention (width = heads) or MLP (width = hidden units)."""
+    """A block's attention (width = heads) or MLP (width = hidden units)."""
 
     name: str            # the module pruned: "blocks.0.attn" (heads) or "blocks.0.mlp.fc1" (units)
     kind: str            # heads | mlp
-    dim: int             # the block's input width
+    dim: int             # the block's dense input width
     full: int            # the dense width
-    widths: list[int]    # the widths it may keep, ascending (the last is ``full``)
+    widths: list[int]    # the widths it may keep, ascending (the last is ``full``; only it when not allocated)
+
+
+@dataclass
+class Block:
+    """One knapsack item: a block's layers, each at one of its widths, or (``index`` set) dropped whole."""
+
+    name: str                 # the layers' parent: "blocks.0"
+    layers: list[Layer]
+    index: int | None = None  # its position in ``model.blocks`` when it may be dropped (kind depth)
+
+    def options(self) -> list[tuple[int, ...]]:
+        """Every choice as a width per layer; all zeros (last, so ties keep the block): dropped."""
+        kept = list(itertools.product(*(l.widths for l in self.layers)))
+        return kept + [(0,) * len(self.layers)] if self.index is not None else kept
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What the knapsack chose: the embedding width (None: not allocated) and each block's widths."""
+
+    embed: int | None
+    widths: tuple[tuple[int, ...], ...]   # per block, per layer (``Block.layers``); all 0: dropped
+
+    def key(self) -> str:
+        return f"alloc:{self.embed}|" + ";".join(",".join(map(str, w)) for w in self.widths)
+
+    def spec(self, blocks: list[Block], base: PruneSpec, full_embed: int | None) -> PruneSpec:
+        """The prune spec that makes it: Torch-Pruning takes ratios; the small offset makes its ceil
+        (heads) and int (units, channels) land on the exact count."""
+        def ratio(full: int, w: int) -> float:
+            return (full - w) / full - 1e-6
+        layers = {l.name: ratio(l.full, w) for b, ws in zip(blocks, self.widths) if any(ws)
+                  for l, w in zip(b.layers, ws) if w < l.full}
+        narrower = full_embed and self.embed and self.embed < full_embed
+        width = {"width": ratio(full_embed, self.embed)} if narrower else {}  # type: ignore[arg-type]
+        drop = [b.index for b, ws in zip(blocks, self.widths) if not any(ws) and b.index is not None]
+        return dataclasses.replace(base, ratios=width, layers=layers, drop_blocks=drop)
 
 
 def _levels(full: int, kind: str, round_to: int | None, max_ratio: float) -> list[int]:
-    """Widths a layer may keep: every head count; MLP units in about 16 steps, multiples of round_to."""
+    """Widths a layer may keep: every head count; MLP units and embedding channels in about 16 steps,
+    multiples of round_to."""
     least = max(1, math.ceil(full * (1 - max_ratio)))
     if kind == "heads":
         return list(range(least, full + 1))
@@ -67,19 +125,39 @@ def _levels(full: int, kind: str, round_to: int | None, max_ratio: float) -> lis
     return sorted({full, *(w for w in range(step, full, step) if w >= least)})
 
 
-def layers_of(model: nn.Module, kinds: Sequence[str], round_to: int | None, max_ratio: float) -> list[Layer]:
-    names = {id(m): n for n, m in model.named_modules()}
+def present_kinds(model: nn.Module, kinds: Sequence[str]) -> list[str]:
+    """The kinds of ``kinds`` this model has (depth: a ViT with more than one block)."""
     found = kinds_of(model)
-    layers: list[Layer] = []
-    if "heads" in kinds:
-        layers += [Layer(names[id(a)], "heads", a.qkv.in_features, a.num_heads,
-                         _levels(a.num_heads, "heads", None, max_ratio))
-                   for a in found["heads"] if a.num_heads > 1]
-    if "mlp" in kinds:
-        layers += [Layer(names[id(f)], "mlp", f.in_features, f.out_features,
-                         _levels(f.out_features, "mlp", round_to, max_ratio))
-                   for f in found["mlp"]]
-    return sorted(layers, key=lambda l: l.name)
+    return [k for k in kinds if (len(model.blocks) > 1 if k == DEPTH and _is_vit(model) else found.get(k))]
+
+
+def embed_widths(model: nn.Module, kinds: Sequence[str], round_to: int | None, max_ratio: float) -> list[int | None]:
+    """The embedding widths offered, ascending ([None]: width is not allocated)."""
+    if "width" not in kinds or not kinds_of(model)["width"]:
+        return [None]
+    return _levels(model.embed_dim, "width", round_to, max_ratio)  # type: ignore[arg-type]
+
+
+def blocks_of(model: nn.Module, kinds: Sequence[str], round_to: int | None, max_ratio: float) -> list[Block]:
+    """Every timm Attention and Mlp, grouped by block; a kind not in ``kinds`` keeps its dense width."""
+    names = {id(m): n for n, m in model.named_modules()}
+    position = {n: i for i, n in enumerate(names.values())}
+    found = kinds_of(model)
+    layers = [Layer(names[id(a)], "heads", a.qkv.in_features, a.num_heads,
+                    _levels(a.num_heads, "heads", None, max_ratio) if "heads" in kinds and a.num_heads > 1
+                    else [a.num_heads]) for a in found["heads"]]
+    layers += [Layer(names[id(f)], "mlp", f.in_features, f.out_features,
+                     _levels(f.out_features, "mlp", round_to, max_ratio) if "mlp" in kinds else [f.out_features])
+               for f in found["mlp"]]
+    # "blocks.0.attn" and "blocks.0.mlp.fc1" belong to "blocks.0"
+    parent = {l.name: l.name.rpartition(".")[0] if l.kind == "heads" else l.name.rsplit(".", 2)[0] for l in layers}
+    droppable = {names[id(b)]: i for i, b in enumerate(model.blocks)} if DEPTH in kinds and _is_vit(model) else {}
+    blocks = []
+    for name in sorted({*parent.values()}, key=position.__getitem__):  # in model order
+        mine = sorted((l for l in layers if parent[l.name] == name), key=lambda l: l.kind)  # heads, then mlp
+        whole = [l.kind for l in mine] == ["heads", "mlp"]  # dropped only when both branches are modelled
+        blocks.append(Block(name, mine, droppable.get(name) if whole else None))
+    return blocks
 
 
 # ---- the solver: a pure function of costs, values and capacity ------------------------------------
@@ -92,32 +170,53 @@ def solve_knapsack(costs: Sequence[Sequence[float]], values: Sequence[Sequence[f
     rounded up (so a pick that fits in steps fits for real). DP rather than HALP's greedy
     value/cost ordering because it is exact for this multiple-choice form, where latency is not
     monotone or convex in width (a narrower layer can run slower: odd sizes miss fast kernels), and
-    cheap at ViT sizes (items x options x bins = 24 x 16 x 2000). Ties keep the first option found, so
-    the result is deterministic. Returns the option index per item, or None when nothing fits.
+    cheap at ViT sizes (one vector step per option: blocks x (heads x units + 1) x 2000). Ties keep
+    the first option found, so the result is deterministic. Returns the option index per item, or
+    None when nothing fits.
     """
     if capacity <= 0:
         return None
     unit = capacity / bins
     steps = [[math.ceil(c / unit - 1e-9) for c in item] for item in costs]
-    neg = -math.inf
-    best = [0.0] * (bins + 1)          # best[c]: best value of the items so far within c steps
-    picks: list[list[int]] = []
+    best = np.zeros(bins + 1)          # best[c]: best value of the items so far within c steps
+    picks: list[np.ndarray] = []
     for item_steps, item_values in zip(steps, values):
-        new, pick = [neg] * (bins + 1), [-1] * (bins + 1)
-        for c in range(bins + 1):
-            for o, (s, v) in enumerate(zip(item_steps, item_values)):
-                if s <= c and best[c - s] != neg and best[c - s] + v > new[c]:
-                    new[c], pick[c] = best[c - s] + v, o
+        new, pick = np.full(bins + 1, -np.inf), np.full(bins + 1, -1)
+        for o, (s, v) in enumerate(zip(item_steps, item_values)):
+            if s > bins:
+                continue
+            cand = np.full(bins + 1, -np.inf)
+            cand[s:] = best[:bins + 1 - s] + v
+            better = cand > new        # strictly: the first option reaching the best value stays
+            new[better], pick[better] = cand[better], o
         best = new
         picks.append(pick)
-    if best[bins] == neg:
+    if best[bins] == -np.inf:
         return None
     chosen, c = [], bins
     for item_steps, pick in zip(reversed(steps), reversed(picks)):
-        o = pick[c]
+        o = int(pick[c])
         chosen.append(o)
         c -= item_steps[o]
     return chosen[::-1]
+
+
+def _solve_blocks(blocks: list[Block], costs: list[list[float]], values: list[list[float]],
+                  capacity: float) -> list[int] | None:
+    """``solve_knapsack`` over blocks, keeping at least one block: if the optimum drops them all, the
+    best with each droppable block in turn forced kept (exact: one of them is kept in the optimum)."""
+    picks = solve_knapsack(costs, values, capacity)
+    if picks is None or any(b.index is None or o < len(c) - 1 for b, c, o in zip(blocks, costs, picks)):
+        return picks
+    found: tuple[float, list[int]] | None = None
+    for k in range(len(blocks)):  # the dropped option is each block's last
+        forced = solve_knapsack([c[:-1] if i == k else c for i, c in enumerate(costs)],
+                                [v[:-1] if i == k else v for i, v in enumerate(values)], capacity)
+        if forced is not None:
+            total = sum(v[o] for v, o in zip(values, forced))
+            if found is None or total > found[0]:
+                found = (total, forced)
+    return None if found is None else found[1]
 
 
 # ---- the latency table of layer widths -------------------------------------------------------------
@@ -140,47 +239,77 @@ def round_robin(runners: dict[str, Callable[[], object]], cycles: int,
     return {k: statistics.median(v) for k, v in round_robin_times(runners, cycles, sync).items()}
 
 
-def _variant(model: nn.Module, layer: Layer, width: int) -> nn.Module:
-    """One block's norm + attention with ``width`` heads, or norm + MLP with ``width`` units."""
+def _entry(kind: str, dim: int, width: int) -> str:
+    # blocks of equal size share entries: the table is of layer widths, not of layers
+    return f"{kind}:{dim}:{width}"
+
+
+def _variant(model: nn.Module, layer: Layer, width: int, dim: int) -> nn.Module:
+    """One block's norm + attention with ``width`` heads, or norm + MLP with ``width`` units, on a
+    stream ``dim`` wide."""
     module = model.get_submodule(layer.name)
     if layer.kind == "heads":
         assert isinstance(module, Attention)
-        dim = module.qkv.in_features
         attn = Attention(dim, num_heads=width, attn_head_dim=module.head_dim, qkv_bias=module.qkv.bias is not None)
         return nn.Sequential(nn.LayerNorm(dim), attn)
-    assert isinstance(module, nn.Linear)
     mlp = model.get_submodule(layer.name.rpartition(".")[0])
     act = type(mlp.act) if isinstance(mlp, Mlp) else nn.GELU
-    return nn.Sequential(nn.LayerNorm(module.in_features), Mlp(module.in_features, width, act_layer=act))
+    return nn.Sequential(nn.LayerNorm(dim), Mlp(dim, width, act_layer=act))
 
 
-def _entry(layer: Layer, width: int) -> str:
-    # blocks of equal size share entries: the table is of layer widths, not of layers
-    return f"{layer.kind}:{layer.dim}:{width}"
+def _entries(blocks: list[Block], embeds: list[int | None]) -> dict[str, tuple[Layer, int, int]]:
+    """Every table entry the allocation needs: (layer, width, stream width) by name."""
+    return {_entry(l.kind, e or l.dim, w): (l, w, e or l.dim)
+            for e in embeds for b in blocks for l in b.layers for w in l.widths}
 
 
-def layer_latencies(model: nn.Module, example: torch.Tensor, layers: list[Layer], budget: BudgetSpec,
-                    cycles: int) -> dict[str, float]:
-    """Seconds per call of every layer variant and of the whole model ("model"), round-robin."""
+def layer_latencies(model: nn.Module, example: torch.Tensor, blocks: list[Block], embeds: list[int | None],
+                    budget: BudgetSpec, cycles: int) -> dict[str, float]:
+    """Seconds per call of every layer variant, at every embedding width, and of the whole model
+    ("model"), round-robin."""
     with torch.no_grad():
         tokens = model.forward_features(example[:1]).shape  # (1, N, D): the blocks' input
-    wanted: dict[str, nn.Module] = {}
-    for layer in layers:
-        for w in layer.widths:
-            wanted.setdefault(_entry(layer, w), _variant(model, layer, w))
+    wanted = {k: _variant(model, l, w, d) for k, (l, w, d) in _entries(blocks, embeds).items()}
+    shape = {k: (*tokens[:-1], d) for k, (_, _, d) in _entries(blocks, embeds).items()}
     dev = torch.device(budget.device if budget.backend == "torch" else "cpu")
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     with ExitStack() as stack:
         runners = {"model": _runner(model, tuple(example.shape), budget, stack)}
-        runners.update({k: _runner(m, tuple(tokens), budget, stack) for k, m in wanted.items()})
+        runners.update({k: _runner(m, tuple(shape[k]), budget, stack) for k, m in wanted.items()})
         return round_robin(runners, cycles, sync)
 
 
-# ---- values: the criterion's importance per head / unit --------------------------------------------
+# ---- values: the criterion's importance per head / unit / channel ----------------------------------
 
-def layer_values(model: nn.Module, example: torch.Tensor, layers: list[Layer], criterion: str,
-                 batches: Batches | None) -> dict[str, list[float]]:
-    """For each layer, the importance kept at each of its widths (the sum of its best heads/units)."""
+@dataclass
+class Values:
+    """The importance an allocation keeps, each tensor slice counted once: a block's heads and units
+    cover all its attention and MLP weights (so a dropped block keeps 0), and a narrower stream
+    removes the stem's slices of the dropped channels (patch embedding, tokens, norms, head) and each
+    kept block's (its columns and rows of those channels)."""
+
+    layers: dict[str, list[float]]                   # per layer: kept at each of its widths
+    stem: dict[int | None, float]                    # per embedding width: kept outside the blocks
+    stream_loss: dict[str, dict[int | None, float]]  # per block, per embedding width: its slices removed
+
+    def of_blocks(self, blocks: list[Block], embed: int | None) -> list[list[float]]:
+        """Each block's options' kept importance on a stream ``embed`` wide; a dropped block keeps none."""
+        return [[sum(self.layers[l.name][l.widths.index(w)] for l, w in zip(b.layers, o))
+                 - self.stream_loss[b.name][embed] if any(o) else 0.0 for o in b.options()] for b in blocks]
+
+    def of(self, blocks: list[Block], alloc: Allocation) -> float:
+        rows = self.of_blocks(blocks, alloc.embed)
+        return self.stem[alloc.embed] + sum(v[b.options().index(w)] for b, v, w in zip(blocks, rows, alloc.widths))
+
+
+def _kept(scores: torch.Tensor, widths: Sequence[int]) -> list[float]:
+    ranked = torch.sort(scores, descending=True).values.cumsum(0)  # kept value of the best k
+    return [float(ranked[w - 1]) for w in widths]
+
+
+def layer_values(model: nn.Module, example: torch.Tensor, blocks: list[Block], embeds: list[int | None],
+                 criterion: str, batches: Batches | None) -> Values:
+    """The criterion's importance of every head, unit and embedding channel, as ``Values``."""
     crit = get_criterion(criterion)
     if crit.needs_data and not batches:
         raise EffVisionError(f"criterion '{criterion}' needs calibration batches")
@@ -188,85 +317,157 @@ def layer_values(model: nn.Module, example: torch.Tensor, layers: list[Layer], c
     imp = crit.build()
     if hasattr(imp, "normalizer"):
         imp.normalizer = None  # Torch-Pruning divides each group by its mean: layers would not compare
+    if hasattr(imp, "group_reduction"):
+        imp.group_reduction = "sum"  # its default "mean" divides by the group's member count (width: every layer)
     if crit.calibrate is not None:
         work.train()
         crit.calibrate(work, imp, batches or [])
     work.eval()
     graph = tp.DependencyGraph().build_dependency(work, example_inputs=example)
-    out: dict[str, list[float]] = {}
-    for layer in layers:
+
+    def scores(root: nn.Module, name: str) -> torch.Tensor:
+        out = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
+        fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+        got = imp(graph.get_pruning_group(root, fn, idxs=list(range(out))))  # one score per output channel
+        if got is None:
+            raise EffVisionError(f"criterion '{criterion}' gave no importance for {name}")
+        return got.detach().float()
+
+    layers: dict[str, list[float]] = {}
+    for layer in (l for b in blocks for l in b.layers):
         module = work.get_submodule(layer.name)
-        root = module.qkv if layer.kind == "heads" else module
-        group = graph.get_pruning_group(root, tp.prune_linear_out_channels, idxs=list(range(root.out_features)))
-        scores = imp(group)  # (out_features,) one score per channel of the group's root
-        if scores is None:
-            raise EffVisionError(f"criterion '{criterion}' gave no importance for {layer.name}")
-        # heads: Torch-Pruning ranks heads by contiguous chunks of the group's scores; so do we
-        unit = scores.detach().float().view(layer.full, -1).sum(1) if layer.kind == "heads" else scores.detach().float()
-        ranked = torch.sort(unit, descending=True).values.cumsum(0)  # kept value of the best k
-        out[layer.name] = [float(ranked[w - 1]) for w in layer.widths]
-    return out
+        if layer.kind == "heads":  # Torch-Pruning ranks heads by contiguous chunks of the group's scores; so do we
+            layers[layer.name] = _kept(scores(module.qkv, layer.name).view(layer.full, -1).sum(1), layer.widths)
+        else:
+            layers[layer.name] = _kept(scores(module, layer.name), layer.widths)
+    if embeds == [None]:
+        return Values(layers, {None: 0.0}, {b.name: {None: 0.0} for b in blocks})
+    root = kinds_of(work)["width"][0]  # the patch embedding's projection roots the residual stream's group
+    total = scores(root, "the embedding width")
+    shares = {}
+    for b in blocks:  # a block's share of each channel's score: the score lost when its tensors read 0
+        params = list(work.get_submodule(b.name).parameters())
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for q in params:
+                q.zero_()
+            shares[b.name] = total - scores(root, "the embedding width")
+            for q, v in zip(params, saved):
+                q.copy_(v)
+    order = torch.argsort(total, descending=True)  # the channels a width W keeps: the W best of the dense model
+    stem = total - sum(shares.values())
+    return Values(layers, {e: float(stem[order[:e]].sum()) for e in embeds},  # type: ignore[misc]
+                  {n: {e: float(share[order[e:]].sum()) for e in embeds} for n, share in shares.items()})
 
 
 # ---- the allocation ---------------------------------------------------------------------------------
 
-def _fit(layers: list[Layer], lat: dict[str, float], values: dict[str, list[float]],
-         target: float) -> tuple[list[int], float] | None:
-    """Widths whose summed layer latency brings the estimated model latency to ``target`` of dense."""
-    dense_layers = sum(lat[_entry(l, l.full)] for l in layers)
-    capacity = dense_layers - (1 - target) * lat["model"]
-    costs = [[lat[_entry(l, w)] for w in l.widths] for l in layers]
-    picks = solve_knapsack(costs, [values[l.name] for l in layers], capacity)
-    if picks is None:
-        return None
-    chosen = sum(c[o] for c, o in zip(costs, picks))
-    return [l.widths[o] for l, o in zip(layers, picks)], (lat["model"] - dense_layers + chosen) / lat["model"]
+def _costs(blocks: list[Block], lat: dict[str, float], embed: int | None) -> list[list[float]]:
+    """Each block's options' latency on a stream ``embed`` wide; a dropped block costs 0."""
+    return [[sum(lat[_entry(l.kind, embed or l.dim, w)] for l, w in zip(b.layers, o)) if any(o) else 0.0
+             for o in b.options()] for b in blocks]
 
 
-def layer_ratios(layers: list[Layer], widths: Sequence[int]) -> dict[str, float]:
-    """``PruneSpec.layers`` for these widths: Torch-Pruning takes ratios; the small offset makes its
-    ceil (heads) and int (units) land on the exact count."""
-    return {l.name: (l.full - w) / l.full - 1e-6 for l, w in zip(layers, widths) if w < l.full}
+def _dense(blocks: list[Block], embeds: list[int | None]) -> Allocation:
+    return Allocation(embeds[-1], tuple(tuple(l.full for l in b.layers) for b in blocks))
+
+
+def _estimate(blocks: list[Block], lat: dict[str, float], alloc: Allocation, dense: Allocation) -> float:
+    """The model's latency over dense if only its blocks' latency changed (the table's sum)."""
+    cost = {a: sum(c[b.options().index(w)] for b, c, w in zip(blocks, _costs(blocks, lat, a.embed), a.widths))
+            for a in (alloc, dense)}
+    return (lat["model"] - cost[dense] + cost[alloc]) / lat["model"]
+
+
+def _fit(blocks: list[Block], embeds: list[int | None], lat: dict[str, float], values: Values,
+         target: float) -> tuple[Allocation, float] | None:
+    """The allocation of most kept value whose summed layer latency brings the estimated model latency
+    to ``target`` of dense: a knapsack over the blocks at each embedding width, the best width kept."""
+    dense = _dense(blocks, embeds)
+    capacity = sum(c[b.options().index(w)] for b, c, w in zip(blocks, _costs(blocks, lat, dense.embed), dense.widths)) \
+        - (1 - target) * lat["model"]
+    best: tuple[float, Allocation] | None = None
+    for embed in reversed(embeds):  # widest first: ties keep the wider stream
+        rows = values.of_blocks(blocks, embed)
+        picks = _solve_blocks(blocks, _costs(blocks, lat, embed), rows, capacity)
+        if picks is None:
+            continue
+        total = values.stem[embed] + sum(v[o] for v, o in zip(rows, picks))
+        if best is None or total > best[0]:
+            best = (total, Allocation(embed, tuple(b.options()[o] for b, o in zip(blocks, picks))))
+    return None if best is None else (best[1], _estimate(blocks, lat, best[1], dense))
+
+
+def _narrowest(blocks: list[Block], embeds: list[int | None], values: Values) -> Allocation:
+    """The fastest allocation offered: the narrowest stream and layers, every droppable block dropped
+    but the one keeping the most importance there."""
+    narrow = [tuple(l.widths[0] for l in b.layers) for b in blocks]
+    rows = values.of_blocks(blocks, embeds[0])
+    keep = max((i for i, b in enumerate(blocks) if b.index is not None),
+               key=lambda i: rows[i][blocks[i].options().index(narrow[i])], default=None)
+    return Allocation(embeds[0], tuple(w if b.index is None or i == keep else (0,) * len(w)
+                                       for i, (b, w) in enumerate(zip(blocks, narrow))))
+
+
+def _report_widths(blocks: list[Block], alloc: Allocation) -> dict[str, Any]:
+    """The widths chosen: per dense block (or "dropped"), and per layer of the pruned model (dropped
+    blocks gone, the kept ones renumbered as ``model.blocks`` is)."""
+    dropped = [b.index for b, ws in zip(blocks, alloc.widths) if not any(ws)]
+
+    def renamed(name: str) -> str:  # "blocks.3.attn" -> "blocks.2.attn" when block 1 is dropped
+        head, _, rest = name.partition(".")
+        i, _, rest = rest.partition(".")
+        return f"blocks.{int(i) - sum(d < int(i) for d in dropped)}.{rest}" if dropped and head == "blocks" else name
+    return {"embed_dim": alloc.embed,
+            "block_widths": {b.name: dict(zip((l.kind for l in b.layers), ws)) if any(ws) else "dropped"
+                             for b, ws in zip(blocks, alloc.widths)},
+            "dropped_blocks": dropped,
+            "layer_widths": {renamed(l.name): w for b, ws in zip(blocks, alloc.widths)
+                             for l, w in zip(b.layers, ws) if w}}
 
 
 def allocate(model: nn.Module, example: torch.Tensor, kinds: Sequence[str], budget: BudgetSpec, base: PruneSpec,
              batches: Batches | None, max_ratio: float, table: LatencyTable,
-             tries: int = 5) -> tuple[dict[str, float], dict[str, Any]]:
-    """Per-layer ratios (``PruneSpec.layers``) meeting ``budget.fraction`` of dense latency, and a report.
+             tries: int = 5) -> tuple[PruneSpec, dict[str, Any]]:
+    """``base`` with the embedding width, per-layer ratios and dropped blocks (``PruneSpec.ratios``,
+    ``layers``, ``drop_blocks``) meeting ``budget.fraction`` of dense latency, and a report.
 
     ``table`` (``LatencyTable.for_search`` with ``allocation: halp``) holds the layer latencies and
     every measured allocation's fraction: a rerun on the same machine reads it and returns the same widths.
     """
-    layers = layers_of(model, kinds, base.round_to, max_ratio)
-    if not layers:
-        raise EffVisionError(f"allocation halp: {type(model).__name__} has no timm Attention (with > 1 head) or Mlp "
-                             f"to allocate")
-    keys = {"model", *(_entry(l, w) for l in layers for w in l.widths)}
+    blocks = blocks_of(model, kinds, base.round_to, max_ratio)
+    embeds = embed_widths(model, kinds, base.round_to, max_ratio)
+    if not any(len(b.options()) > 1 for b in blocks) and embeds == [None]:
+        raise EffVisionError(f"allocation halp: {type(model).__name__} has no timm Attention (with > 1 head), Mlp, "
+                             f"ViT width or block to allocate")
+    full_embed, dense = embeds[-1], _dense(blocks, embeds)
+    keys = {"model", *_entries(blocks, embeds)}
     if not keys <= set(table.entries):
-        table.update(layer_latencies(model, example, layers, budget, budget.rounds * budget.iters))
+        table.update(layer_latencies(model, example, blocks, embeds, budget, budget.rounds * budget.iters))
     lat = {k: table.entries[k] for k in keys}
-    values = layer_values(model, example, layers, base.criterion, batches)
-    total = sum(v[-1] for v in values.values())
+    values = layer_values(model, example, blocks, embeds, base.criterion, batches)
 
-    def measured(widths: list[int]) -> float:
-        if all(w == l.full for l, w in zip(layers, widths)):
+    def kept(alloc: Allocation) -> float:
+        return values.of(blocks, alloc) / values.of(blocks, dense)
+
+    def measured(alloc: Allocation) -> float:
+        spec = alloc.spec(blocks, dataclasses.replace(base, criterion="l1", steps=1), full_embed)
+        if not (spec.ratios or spec.layers or spec.drop_blocks):
             return 1.0
 
         def run() -> float:
             trial = copy.deepcopy(model)
-            prune_(trial, PruneSpec(criterion="l1", round_to=base.round_to, ignore=base.ignore,
-                                    layers=layer_ratios(layers, widths)), example)
+            prune_(trial, spec, example)
             return latency_fraction(trial, model, example, budget)
-        return table.lookup("alloc:" + ",".join(map(str, widths)), run)
+        return table.lookup(alloc.key(), run)
 
     # The layer sum mispredicts the whole model (fusions across layers, call overhead: a 4-block ViT
     # measured 0.46 where the table said 0.55), so the knapsack's target is calibrated on measurements:
     # the narrowest model anchors the scale of the savings (dense is 1.0 on both scales), then the
     # savings are rescaled by the measured miss until one target over and one under the budget are
     # known, and bisected between them.
-    narrowest = [l.widths[0] for l in layers]
-    dense_layers = sum(lat[_entry(l, l.full)] for l in layers)
-    floor = (lat["model"] - dense_layers + sum(lat[_entry(l, w)] for l, w in zip(layers, narrowest))) / lat["model"]
+    narrowest = _narrowest(blocks, embeds, values)
+    floor = _estimate(blocks, lat, narrowest, dense)
     least = measured(narrowest)
     if least > budget.fraction:
         raise EffVisionError(f"budget latency <= {budget.fraction:.0%} of dense cannot be reached by allocation halp: "
@@ -274,17 +475,17 @@ def allocate(model: nn.Module, example: torch.Tensor, kinds: Sequence[str], budg
     scale = (1 - least) / max(1 - floor, 1e-9)   # measured saving per estimated saving
     target = max(1 - (1 - budget.fraction) / scale, floor)
     trials: list[dict[str, Any]] = []
-    best: tuple[list[int], float, float] | None = None
+    best: tuple[Allocation, float, float] | None = None
     under, over = None, None
     for _ in range(tries):
-        fit = _fit(layers, lat, values, target)
-        widths, estimate = fit if fit is not None else (narrowest, floor)
-        got = measured(widths)
-        kept = sum(values[l.name][l.widths.index(w)] for l, w in zip(layers, widths)) / total
+        fit = _fit(blocks, embeds, lat, values, target)
+        alloc, estimate = fit if fit is not None else (narrowest, floor)
+        got = measured(alloc)
         trials.append({"target": round(target, 4), "estimated": round(estimate, 4), "measured": round(got, 4),
-                       "kept_importance": round(kept, 4), "widths": widths})
-        if got <= budget.fraction and (best is None or kept > best[1]):
-            best = (widths, kept, got)
+                       "kept_importance": round(kept(alloc), 4), "embed": alloc.embed,
+                       "widths": [list(w) for w in alloc.widths]})
+        if got <= budget.fraction and (best is None or kept(alloc) > best[1]):
+            best = (alloc, kept(alloc), got)
         if budget.fraction - TOLERANCE <= got <= budget.fraction:
             break
         if got <= budget.fraction:
@@ -294,10 +495,10 @@ def allocate(model: nn.Module, example: torch.Tensor, kinds: Sequence[str], budg
         target = (under + over) / 2 if under is not None and over is not None \
             else 1 - (1 - target) * (1 - budget.fraction) / max(1 - got, 1e-3)  # rescale the savings
     if best is None:  # measured again over the budget every time: the narrowest model is known to meet it
-        best = (narrowest, sum(v[0] for v in values.values()) / total, least)
-    widths, kept, got = best
-    report = {"allocation": "halp", "layer_widths": {l.name: w for l, w in zip(layers, widths)},
-              "halp_fraction": got, "kept_importance": kept, "halp_trials": trials,
+        best = (narrowest, kept(narrowest), least)
+    alloc, share, got = best
+    report = {"allocation": "halp", **_report_widths(blocks, alloc), "halp_fraction": got, "kept_importance": share,
+              "halp_trials": trials,
               "halp_calibration": {"narrowest_estimated": round(floor, 4), "narrowest_measured": round(least, 4)},
               "layer_latency_ms": {k: round(v * 1e3, 4) for k, v in sorted(lat.items())}}
-    return layer_ratios(layers, widths), report
+    return alloc.spec(blocks, base, full_embed), report

@@ -14,7 +14,9 @@ and the head). effvision adds what it lacks for timm:
   training a broken model.
 
 Kinds and their ratios: ``heads`` (timm Attention), ``mlp`` (hidden units of timm Mlp),
-``width`` (ViT embedding width), ``channels`` (every other conv/linear group).
+``width`` (ViT embedding width), ``channels`` (every other conv/linear group). Depth: a ViT's
+whole blocks can be dropped too (``PruneSpec.drop_blocks``, what a HALP allocation gives), by hand
+before Torch-Pruning runs, and the kept blocks are recorded (``compress.arch``).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from timm.layers.attention import Attention
 from ..errors import EffVisionError
 from ..models.catalog import count_macs
 from ..models.modes import add_mode, check_next, record_of
-from .arch import apply_pruned, architecture, describe_pruned
+from .arch import apply_pruned, architecture, describe_pruned, keep_blocks
 from .importance import get_criterion
 
 __all__ = ["PruneSpec", "KINDS", "MODE", "DEFAULT_CRITERION", "prune_", "convert_pruned", "restore_pruned", "kinds_of",
@@ -61,6 +63,8 @@ class PruneSpec:
     # per layer, over ``ratios``: an Attention's name -> fraction of its heads removed, an Mlp fc1's
     # name -> fraction of its units (what a HALP allocation gives: effvision.compress.halp)
     layers: dict[str, float] = field(default_factory=dict)
+    # a ViT's blocks removed whole (indices into ``model.blocks``; layer names above are the dense model's)
+    drop_blocks: list[int] = field(default_factory=list)
 
 
 def _family(model: nn.Module) -> str:
@@ -147,9 +151,12 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
     if criterion.needs_data and not batches:
         raise EffVisionError(f"criterion '{spec.criterion}' needs calibration batches")
     ignored = check_ignored(model, spec.ignore)
+    per_layer = _layer_modules(model, kinds_of(model), spec.layers)
+    kept = _kept_blocks(model, spec.drop_blocks, per_layer)
+    if kept is not None:
+        keep_blocks(model, kept)
     kinds = kinds_of(model)
-    per_layer = _layer_modules(model, kinds, spec.layers)
-    if not per_layer and not any(spec.ratios.get(k, 0) > 0 and kinds[k] for k in KINDS):
+    if kept is None and not per_layer and not any(spec.ratios.get(k, 0) > 0 and kinds[k] for k in KINDS):
         asked = {k: r for k, r in spec.ratios.items() if r > 0}
         raise EffVisionError(f"no handler covers {_family(model)} for {asked or 'no ratio'}: nothing to prune "
                              f"(this model has {', '.join(k for k in KINDS if kinds[k]) or 'no prunable kind'})")
@@ -198,7 +205,8 @@ def prune_(model: nn.Module, spec: PruneSpec, example: torch.Tensor, batches: Ba
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EffVisionError(f"no handler covers {_family(model)}: Torch-Pruning failed ({type(e).__name__}: "
                              f"{msg[:200]})") from e
-    add_mode(model, MODE, spec, describe_pruned(model, before))
+    depth = {"kept_blocks": kept} if kept is not None else {}
+    add_mode(model, MODE, spec, {**depth, **describe_pruned(model, before)})
     return model
 
 
@@ -248,6 +256,21 @@ def _layer_modules(model: nn.Module, kinds: dict[str, list[nn.Module]], layers: 
            for n, r in layers.items()):
         raise EffVisionError("prune layers: keep at least one head per attention")
     return {names[n]: r for n, r in layers.items() if r > 0}
+
+
+def _kept_blocks(model: nn.Module, drop: list[int], per_layer: dict[nn.Module, float]) -> list[int] | None:
+    """The blocks that stay when ``drop`` goes (None: drop nothing); checked before any change."""
+    if not drop:
+        return None
+    n = len(model.blocks) if _is_vit(model) else 0
+    if not n:
+        raise EffVisionError(f"prune drop_blocks: {_family(model)} is not a ViT with blocks to drop")
+    if len(set(drop)) != len(drop) or not all(0 <= i < n for i in drop) or len(drop) >= n:
+        raise EffVisionError(f"prune drop_blocks {drop}: distinct indices of the {n} blocks, at least one kept")
+    dropped = {id(m) for i in drop for m in model.blocks[i].modules()}
+    if any(id(m) in dropped for m in per_layer):
+        raise EffVisionError(f"prune layers: a per-layer ratio names a layer of a dropped block ({drop})")
+    return [i for i in range(n) if i not in drop]
 
 
 def _fix_attention(model: nn.Module, pruner: tp.pruner.MetaPruner) -> None:

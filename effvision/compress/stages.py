@@ -29,7 +29,7 @@ from ..errors import ConfigError, EffVisionError
 from ..io import atomic_write_json
 from ..models.io import create_model
 from .budget import BudgetSpec, LatencyTable, latency_fraction, search_ratio
-from .halp import HALP_KINDS, allocate
+from .halp import DEPTH, HALP_KINDS, allocate, present_kinds
 from .importance import CRITERIA
 from .prune import DEFAULT_CRITERION, KINDS, MODE, PruneSpec, kinds_of, model_macs_params, prune_
 from .quantize import MODE as QUANTIZE, QuantConfig, quant_modules, quantize_
@@ -52,7 +52,7 @@ class PruneConfig:
     width: float | None = None           # ViT embedding width
     channels: float | None = None        # conv/linear channels elsewhere
     budget: BudgetSpec | None = None     # instead of ratios: reach this fraction of dense
-    budget_kinds: list[str] = field(default_factory=lambda: list(KINDS))  # what a budget may shrink
+    budget_kinds: list[str] = field(default_factory=lambda: list(KINDS))  # what a budget may shrink (halp: + depth)
     max_ratio: float = 0.9               # a budget never removes more than this per kind
     round_to: int | None = None          # channel counts in multiples of this (8, 16)
     ignore: list[str] = field(default_factory=list)  # module names whose outputs keep their size
@@ -71,9 +71,10 @@ class PruneConfig:
             raise ConfigError(f"{where}: give either ratios (ratio, heads, mlp, width, channels) or a budget")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"{where}.criterion: unknown '{self.criterion}' (available: {', '.join(CRITERIA)})")
-        bad = [k for k in self.budget_kinds if k not in KINDS]
+        bad = [k for k in self.budget_kinds if k not in (*KINDS, DEPTH)]
         if bad or not self.budget_kinds:
-            raise ConfigError(f"{where}.budget_kinds: {bad or 'empty'}; kinds are {', '.join(KINDS)}")
+            raise ConfigError(f"{where}.budget_kinds: {bad or 'empty'}; kinds are {', '.join(KINDS)} (and {DEPTH} with "
+                              f"allocation halp)")
         if not 0 < self.max_ratio < 1:
             raise ConfigError(f"{where}.max_ratio: {self.max_ratio} is outside (0, 1)")
         if self.round_to is not None and self.round_to <= 0:
@@ -81,35 +82,39 @@ class PruneConfig:
         if self.budget is not None and self.budget.allocation == "halp":
             other = [k for k in self.budget_kinds if k not in HALP_KINDS]
             if other:
-                raise ConfigError(f"{where}.budget_kinds: allocation halp allocates {' and '.join(HALP_KINDS)} per block, "
-                                  f"not {', '.join(other)}; set budget_kinds: [heads, mlp]")
+                raise ConfigError(f"{where}.budget_kinds: allocation halp allocates {', '.join(HALP_KINDS)}, "
+                                  f"not {', '.join(other)}; set budget_kinds within [{', '.join(HALP_KINDS)}]")
+        elif DEPTH in self.budget_kinds:
+            raise ConfigError(f"{where}.budget_kinds: {DEPTH} (whole blocks dropped) needs budget.allocation halp")
         if self.steps <= 0 or self.recover_epochs < 0 or self.calib_batches <= 0:
             raise ConfigError(f"{where}: steps and calib_batches must be positive, recover_epochs non-negative")
 
     def ratios(self) -> dict[str, float]:
         return {k: (getattr(self, k) if getattr(self, k) is not None else self.ratio or 0.0) for k in KINDS}
 
-    def spec(self, ratios: dict[str, float], layers: dict[str, float] | None = None) -> PruneSpec:
+    def spec(self, ratios: dict[str, float]) -> PruneSpec:
         return PruneSpec(ratios=ratios, criterion=self.criterion, round_to=self.round_to, ignore=list(self.ignore),
-                         steps=self.steps, layers=dict(layers or {}))
+                         steps=self.steps)
 
 
 def _resolve_ratios(cfg: PruneConfig, model: nn.Module, example: torch.Tensor, tries: int = 7,
                     batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-                    ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
-    """The per-kind ratios and per-layer ratios to prune with (searched for a budget), and what the
-    search found; ``tries=0`` only checks that the budget is reachable at ``max_ratio``."""
+                    ) -> tuple[PruneSpec, dict[str, Any]]:
+    """What to prune with (per-kind ratios, or for a budget the searched ratio or HALP's allocation), and
+    what the search found; ``tries=0`` only checks that the budget is reachable at ``max_ratio``."""
     if cfg.budget is None:
-        return cfg.ratios(), {}, {}
-    present = [k for k in cfg.budget_kinds if kinds_of(model)[k]]
+        return cfg.spec(cfg.ratios()), {}
+    present = present_kinds(model, cfg.budget_kinds)
     if not present:
         raise EffVisionError(f"prune.budget_kinds {cfg.budget_kinds}: {type(model).__name__} has none of them")
     if cfg.budget.allocation == "halp" and tries > 0:
         table = LatencyTable.for_search(model, example, present, cfg.budget, cfg.spec({}), cfg.max_ratio)
         reused = table.reused
-        layers, found = allocate(model, example, present, cfg.budget, cfg.spec({}), batches, cfg.max_ratio, table)
+        spec, found = allocate(model, example, present, cfg.budget, cfg.spec({}), batches, cfg.max_ratio, table)
         found.update(latency_table=str(table.path) if table.enabled else None, latency_table_reused=reused)
-        return {k: 0.0 for k in KINDS}, layers, found
+        return spec, found
+    if DEPTH in present:  # preflight: dropping blocks reaches below any uniform ratio; allocate() says if it cannot
+        return cfg.spec({}), {}
     table = None
     if cfg.budget.metric == "latency":  # halp's preflight checks reachability on the uniform table
         uniform = dataclasses.replace(cfg.budget, allocation="uniform")
@@ -119,7 +124,7 @@ def _resolve_ratios(cfg: PruneConfig, model: nn.Module, example: torch.Tensor, t
     if table is not None:
         found.update(latency_table=str(table.path) if table.enabled else None, latency_table_reused=table.reused,
                      latency_fractions=dict(sorted(table.entries.items())))
-    return {k: ratio if k in present else 0.0 for k in KINDS}, {}, found
+    return cfg.spec({k: ratio if k in present else 0.0 for k in KINDS}), found
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
@@ -155,7 +160,7 @@ class PruneStage(Stage):
         calib = [(x.cpu(), y.cpu()) for x, y in islice(loaders.train.epoch(0), cfg.calib_batches)]
         example = calib[0][0][:2]
         dense = copy.deepcopy(model)
-        ratios, layers, search = _resolve_ratios(cfg, model, example, batches=calib)
+        pruning, search = _resolve_ratios(cfg, model, example, batches=calib)
 
         def recover(m: nn.Module, step: int) -> None:
             if cfg.recover_epochs:
@@ -165,11 +170,11 @@ class PruneStage(Stage):
                     num_classes=spec.num_classes, spec=spec, seed=recipe.seed, where=ctx.where)
                 m.cpu()
 
-        prune_(model, cfg.spec(ratios, layers), example, calib, between_steps=recover)
+        prune_(model, pruning, example, calib, between_steps=recover)
         ctx.save_model(model, spec)
         macs0, params0 = model_macs_params(dense, example[:1])
         macs1, params1 = model_macs_params(model, example[:1])
-        report = {"criterion": cfg.criterion, "ratios": ratios, **search, "widths": _widths(model),
+        report = {"criterion": cfg.criterion, "ratios": pruning.ratios, **search, "widths": _widths(model),
                   "dense": {"macs": macs0, "params": params0}, "pruned": {"macs": macs1, "params": params1},
                   "macs_fraction": macs1 / macs0, "params_fraction": params1 / params0}
         if cfg.budget is not None and cfg.budget.metric == "latency":
