@@ -151,3 +151,21 @@ def test_missing_runtime_names_the_extra(model_dir, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "pip install 'effvision[openvino]'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_image_folder_calibrates_on_train_and_checks_on_test():
+    """CIFAR-10's ImageFolder tree: calibration from train/, checks from test/ with their labels,
+    normalized with the model's mean and std (pixel 0 -> -mean/std)."""
+    from effvision.export.race.checks import race_images
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
+    if not (root / "train").is_dir():
+        pytest.skip(f"{root} is absent (../shared/datasets/cifar10)")
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)
+    images = race_images(root, (3, 32, 32), mean, std, 16, 20)
+    assert images.calibration.shape == (16, 3, 32, 32) and images.check.shape == (20, 3, 32, 32)
+    assert images.labels is not None and len(set(images.labels.tolist())) == 10  # class-balanced test images
+    assert "train" in images.source and "test" in images.source
+    lo = (0 - np.array(mean)) / np.array(std)
+    hi = (1 - np.array(mean)) / np.array(std)
+    assert (images.check.min(axis=(0, 2, 3)) >= lo - 1e-6).all() and (images.check.max(axis=(0, 2, 3)) <= hi + 1e-6).all()
