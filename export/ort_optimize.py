@@ -34,8 +34,10 @@ def transformer_optimize(src: str | Path, dst: str | Path) -> dict[str, int]:
     return {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
 
 
-def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = False) -> dict[str, Any]:
-    """int8 weights, per-batch uint8 activations for the weight MatMuls and Attention of ``src``."""
+def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = False,
+                          op_types: list[str] | None = INT8_OP_TYPES) -> dict[str, Any]:
+    """int8 weights, per-batch uint8 activations for the weight MatMuls and Attention of ``src``
+    (``op_types=None``: every op type onnxruntime's quantize_dynamic takes, its own default)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src))
@@ -44,7 +46,7 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = 
         plain = Path(tmp) / "plain.onnx"
         onnx.save(model, str(plain))
         quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=INT8_OP_TYPES,
+                         op_types_to_quantize=op_types,
                          # shape inference stops at contrib ops (Attention, Gelu): their outputs are float
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     ops = [n.op_type for n in onnx.load(str(dst)).graph.node]

@@ -53,11 +53,9 @@ def _aggregate(name: str, reports: list[dict[str, Any]], batch: str) -> dict[str
     row: dict[str, Any] = {"model": name, "batch": int(batch)}
     base = [r["contenders"][BASELINE]["timings"][batch]["img_per_s"] for r in reports]
     row["ort fp32 img/s (runs)"] = " / ".join(f"{v:,.1f}" for v in base)
-    for contender in REGISTRY:
+    for contender in (c for c in REGISTRY if c != BASELINE):
         ratios = [r["contenders"][contender]["timings"][batch]["vs_ort_fp32"] for r in reports
                   if "timings" in r["contenders"].get(contender, {})]
-        if contender == BASELINE:
-            continue
         if len(ratios) < len(reports):
             states = {r["contenders"].get(contender, {}).get("status", "absent") for r in reports}
             row[contender] = "not timed (" + ", ".join(sorted(states)) + ")"

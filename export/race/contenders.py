@@ -139,17 +139,11 @@ def _build_ort_int8_dynamic(ctx: BuildContext, folder: Path) -> Contender:
 
 def _build_ort_quantize_dynamic(ctx: BuildContext, folder: Path) -> Contender:
     """onnxruntime's quantize_dynamic with its own defaults (every op type it quantizes): the peer."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from ..ort_optimize import quantize_dynamic_int8
 
-    model = onnx.load(str(ctx.fp32_onnx()))
-    del model.graph.value_info[:]  # the dynamo graph's value_info trips the quantizer's shape inference
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / "plain.onnx"
-        onnx.save(model, str(plain))
-        quantize_dynamic(str(plain), str(folder / "model.onnx"), weight_type=QuantType.QInt8)
+    record = quantize_dynamic_int8(ctx.fp32_onnx(), folder / "model.onnx", op_types=None)
     return Contender("ort-quantize-dynamic", "onnxruntime", "int8", folder, ["model.onnx"],
-                     {"form": "onnxruntime quantize_dynamic, default options (weight QInt8)"},
+                     {**record, "form": "onnxruntime quantize_dynamic, default op types (weight QInt8)"},
                      _ort_runner(folder / "model.onnx"))
 
 
